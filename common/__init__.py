@@ -1,0 +1,13 @@
+"""Helpers shared by several modules of the tutorial.
+
+Each submodule holds one concern; a helper lives here only once two or more modules use it:
+
+- ``seeding``   : seed Python, numpy and torch in one call; opt-in deterministic mode
+- ``device``    : pick cuda, then mps, then cpu
+- ``cli``       : the flags every module accepts (--quick, --device, --seed, --outdir, ...)
+- ``plotting``  : headless figures saved to outputs/<module>/, shared plot helpers
+- ``datasets``  : 2D toy data (with exact scores for Gaussian mixtures) and image loaders
+- ``metrics``   : sample-quality distances (MMD, sliced Wasserstein)
+- ``modules``   : load ``01_score_functions_basics.py`` and friends by number
+- ``exercises`` : the machinery that lists and checks the exercises at the end of each module
+"""

@@ -1,0 +1,163 @@
+"""Exercises: listing them at the end of a module, and checking them with pytest.
+
+How an exercise works
+---------------------
+1. The module's Section 5 defines a stub ``exercise_<what>(...)`` whose docstring states the task,
+   shapes and a hint, and whose body is ``raise NotImplementedError``.
+2. ``solutions/NN_<name>.py`` holds a reference answer under the same function name.
+3. ``tests/test_NN_exercises.py`` writes one *check* per exercise (a function that takes an
+   implementation and raises ``AssertionError`` with a helpful message when it is wrong), lists
+   plausible wrong answers, and calls :func:`exercise_tests`. That one call creates three tests:
+
+   - ``test_reference_passes[<exercise>]``   the reference passes the check (the check works);
+   - ``test_wrong_answer_fails[<wrong>]``    each wrong answer fails it (the check can fail);
+   - ``test_your_answer[<exercise>]``        the learner's function passes, or the test is
+     skipped with a message naming the exercise and file while it still raises
+     NotImplementedError.
+
+Adding a checked exercise to a module is therefore: a stub, a reference solution, a check, one
+wrong answer, and one ``Exercise(...)`` line.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from common.modules import load_module, load_solutions, module_path
+
+# ----------------------------------------------------------------------------------------------
+# Writing checks
+# ----------------------------------------------------------------------------------------------
+
+
+def assert_close(actual, expected, *, what: str, hint: str = "", rtol: float = 1e-5,
+                 atol: float = 1e-6) -> None:
+    """Raise ``AssertionError`` unless ``actual`` matches ``expected`` in shape and value.
+
+    The message says what was being checked, the expected and returned values (first few
+    entries), where the largest error is, and a hint. Both arguments may be tensors, arrays or
+    numbers.
+    """
+    hint_line = f"\n  hint: {hint}" if hint else ""
+    if not isinstance(actual, torch.Tensor):
+        try:
+            actual = torch.as_tensor(actual)
+        except (TypeError, ValueError, RuntimeError):
+            raise AssertionError(f"{what}: expected a tensor, got {type(actual).__name__}"
+                                 f"{hint_line}") from None
+    expected = torch.as_tensor(expected)
+    if tuple(actual.shape) != tuple(expected.shape):
+        raise AssertionError(f"{what}: expected shape {tuple(expected.shape)}, "
+                             f"got {tuple(actual.shape)}{hint_line}")
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    if not torch.isfinite(actual).all():
+        raise AssertionError(f"{what}: the result contains NaN or inf{hint_line}")
+    err = (actual - expected).abs()
+    allowed = atol + rtol * expected.abs()
+    if (err <= allowed).all():
+        return
+    worst = int((err - allowed).flatten().argmax())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), err.shape)) \
+        if err.ndim else ()
+    raise AssertionError(
+        f"{what}: values differ.\n"
+        f"  expected: {_preview(expected)}\n"
+        f"  got:      {_preview(actual)}\n"
+        f"  largest error {err.flatten()[worst].item():.3g} at index {index} "
+        f"(allowed {atol:g} + {rtol:g} * |expected|)"
+        f"{hint_line}"
+    )
+
+
+def _preview(t: torch.Tensor, n: int = 4) -> str:
+    flat = t.flatten()
+    shown = ", ".join(f"{v:.4g}" for v in flat[:n].tolist())
+    more = ", ..." if flat.numel() > n else ""
+    return f"[{shown}{more}] (shape {tuple(t.shape)})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Turning checks into tests
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Exercise:
+    """One checked exercise.
+
+    name:  the function name, the same in the module and in ``solutions/``.
+    check: ``check(fn)`` raises ``AssertionError`` (with a helpful message) when ``fn`` is wrong.
+    wrong: plausible wrong answers (same signature) that ``check`` must reject.
+    """
+
+    name: str
+    check: Callable[[Callable], None]
+    wrong: Sequence[Callable] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.wrong:
+            raise ValueError(f"{self.name}: give at least one wrong answer the check must reject")
+
+
+def exercise_tests(number: str, exercises: Sequence[Exercise]):
+    """Create the three parametrised tests for the exercises of module ``number``.
+
+    Use in a test file as::
+
+        test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_tests(
+            "01", [Exercise("exercise_gaussian_score", check_gaussian_score, [sign_flipped])])
+    """
+    import pytest
+
+    ids = [ex.name for ex in exercises]
+    wrong_cases = [(ex, w) for ex in exercises for w in ex.wrong]
+    wrong_ids = [f"{ex.name}-{w.__name__}" for ex, w in wrong_cases]
+
+    @pytest.mark.parametrize("exercise", exercises, ids=ids)
+    def test_reference_passes(exercise):
+        exercise.check(getattr(load_solutions(number), exercise.name))
+
+    @pytest.mark.parametrize("exercise, wrong", wrong_cases, ids=wrong_ids)
+    def test_wrong_answer_fails(exercise, wrong):
+        with pytest.raises(AssertionError):
+            exercise.check(wrong)
+
+    @pytest.mark.parametrize("exercise", exercises, ids=ids)
+    def test_your_answer(exercise):
+        module = load_module(number)
+        try:
+            exercise.check(getattr(module, exercise.name))
+        except NotImplementedError:
+            pytest.skip(f"{exercise.name} in {module_path(number).name} is not attempted yet: "
+                        f"replace its 'raise NotImplementedError' with your answer")
+
+    return test_reference_passes, test_wrong_answer_fails, test_your_answer
+
+
+# ----------------------------------------------------------------------------------------------
+# Listing the exercises at the end of a run
+# ----------------------------------------------------------------------------------------------
+
+
+def list_exercises(namespace: dict) -> list[tuple[str, str]]:
+    """(name, first docstring line) of every ``exercise_*`` function, in source order."""
+    found = [(name, obj) for name, obj in namespace.items()
+             if name.startswith("exercise_") and inspect.isfunction(obj)]
+    found.sort(key=lambda item: item[1].__code__.co_firstlineno)
+    return [(name, (inspect.getdoc(fn) or "").splitlines()[0] if fn.__doc__ else "")
+            for name, fn in found]
+
+
+def print_exercises(namespace: dict, number: str) -> None:
+    """Print the module's exercises and the command that checks them (a module's last lines)."""
+    path = module_path(number)
+    print(f"\nExercises (Section 5 of {path.name}):")
+    for name, summary in list_exercises(namespace):
+        print(f"  - {name}: {summary}")
+    print(f"Check your answers:  pytest tests/test_{number}_exercises.py"
+          f"   (reference solutions: solutions/{path.name})")

@@ -1,0 +1,402 @@
+"""Unit tests of the shared helpers in common/ (small synthetic tensors only)."""
+
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common import cli, datasets, device, exercises, metrics, modules, plotting, seeding
+from common.datasets import GaussianMixture
+
+pytestmark = pytest.mark.common
+
+
+# -- seeding ------------------------------------------------------------------------------------
+def test_seed_everything_reproduces_all_generators():
+    g1 = seeding.seed_everything(7)
+    a = (torch.rand(3), np.random.rand(3), torch.rand(3, generator=g1))
+    g2 = seeding.seed_everything(7)
+    b = (torch.rand(3), np.random.rand(3), torch.rand(3, generator=g2))
+    torch.testing.assert_close(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    torch.testing.assert_close(a[2], b[2])
+
+
+def test_seed_everything_rejects_negative_seed():
+    with pytest.raises(ValueError, match="non-negative"):
+        seeding.seed_everything(-1)
+
+
+def test_deterministic_mode_switches_torch_flag():
+    try:
+        seeding.seed_everything(0, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+# -- device -------------------------------------------------------------------------------------
+def test_pick_device_auto_and_cpu(capsys):
+    assert device.pick_device("cpu").type == "cpu"
+    auto = device.pick_device("auto")
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if device._mps_available() else "cpu")
+    assert auto.type == expected
+    assert "Device:" in capsys.readouterr().out
+
+
+def test_pick_device_errors():
+    with pytest.raises(ValueError, match="unknown device"):
+        device.pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            device.pick_device("cuda")
+
+
+# -- cli ----------------------------------------------------------------------------------------
+def test_cli_defaults_and_run(tmp_path):
+    parser = cli.make_parser("test")
+    parser.add_argument("--steps", type=cli.positive_int, default=5)
+    run = cli.start_run(parser, "99_test", ["--quick", "--outdir", str(tmp_path), "--seed", "3"])
+    assert run.quick and run.args.steps == 5 and run.device.type in {"cpu", "cuda", "mps"}
+    assert run.outdir == tmp_path / "99_test" and run.outdir.is_dir()
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    path = run.save(fig, "line")
+    assert path.exists() and run.figures == [path]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "-3"], "must be a positive integer"),
+        (["--steps", "abc"], "must be an integer"),
+        (["--seed", "-1"], "non-negative"),
+        (["--device", "tpu"], "invalid choice"),
+        (["--no-such-flag"], "unrecognized arguments"),
+        (["--rate", "0"], "positive finite number"),
+        (["--frac", "1.5"], "must lie in"),
+    ],
+)
+def test_cli_rejects_bad_values_with_clear_message(argv, message, capsys):
+    parser = cli.make_parser("test")
+    parser.add_argument("--steps", type=cli.positive_int, default=5)
+    parser.add_argument("--rate", type=cli.positive_float, default=1.0)
+    parser.add_argument("--frac", type=cli.unit_interval, default=0.5)
+    with pytest.raises(SystemExit) as info:
+        cli.start_run(parser, "99_test", argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_validators_directly():
+    assert cli.nonnegative_int("0") == 0
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli.positive_float("nan")
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli.positive_float("inf")
+
+
+# -- plotting -----------------------------------------------------------------------------------
+def test_plot_helpers_draw_something(tmp_path):
+    import matplotlib.pyplot as plt
+
+    plotting.setup_matplotlib(show=False)
+    gm = GaussianMixture.eight_gaussians()
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3))
+    plotting.plot_density_with_score(axes[0], gm.log_prob, gm.score, title="field")
+    assert len(axes[0].collections) > 1  # contours and arrows
+    plotting.plot_samples_over_density(axes[1], gm.sample(100), gm.log_prob)
+    x = torch.linspace(-3, 3, 50)
+    ax_d, ax_s = axes[2], axes[3]
+    plotting.plot_density_and_score_1d(ax_d, ax_s, x, torch.exp(-x**2 / 2), -x, label="N(0,1)")
+    assert len(ax_d.lines) == 1 and len(ax_s.lines) == 2  # curve + zero line
+    path = plotting.save_figure(fig, tmp_path, "helpers")
+    assert path.stat().st_size > 1000
+
+
+def test_score_field_clips_long_arrows():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    q = plotting.plot_score_field(ax, lambda x: -x * 100, xlim=(-4, 4), ylim=(-4, 4), n_arrows=11)
+    lengths = np.hypot(q.U, q.V)
+    # directions kept: arrows point to the origin; lengths clipped at the 90% quantile
+    assert lengths.max() <= np.quantile(100 * np.hypot(q.X, q.Y), 0.9) + 1e-9
+    plt.close(fig)
+
+
+def test_image_grid_shapes():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    plotting.image_grid(ax, torch.rand(6, 1, 8, 8), nrow=3)
+    plotting.image_grid(ax, torch.rand(6, 3, 8, 8), nrow=3)
+    with pytest.raises(ValueError, match="expects"):
+        plotting.image_grid(ax, torch.rand(6, 8, 8))
+    plt.close(fig)
+
+
+# -- datasets: Gaussian mixture -----------------------------------------------------------------
+def _random_mixture(gen, K=3, D=2):
+    A = torch.randn(K, D, D, generator=gen, dtype=torch.float64)
+    covs = A @ A.transpose(1, 2) + 0.3 * torch.eye(D, dtype=torch.float64)
+    means = 2 * torch.randn(K, D, generator=gen, dtype=torch.float64)
+    w = torch.rand(K, generator=gen, dtype=torch.float64) + 0.2
+    return GaussianMixture(w / w.sum(), means, covs)
+
+
+def test_mixture_log_prob_matches_torch_distributions(gen):
+    gm = _random_mixture(gen)
+    ref = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(probs=gm.weights),
+        torch.distributions.MultivariateNormal(gm.means, covariance_matrix=gm.covs),
+    )
+    x = 3 * torch.randn(50, 2, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(gm.log_prob(x), ref.log_prob(x))
+
+
+def test_mixture_score_matches_autograd(gen):
+    gm = _random_mixture(gen, K=4, D=3)
+    x = 2 * torch.randn(40, 3, generator=gen, dtype=torch.float64).requires_grad_(True)
+    (grad,) = torch.autograd.grad(gm.log_prob(x).sum(), x)
+    torch.testing.assert_close(gm.score(x.detach()), grad)
+
+
+def test_mixture_float32_input_gives_float32(gen):
+    gm = _random_mixture(gen)
+    x = torch.randn(5, 2)
+    assert gm.score(x).dtype == torch.float32 and gm.log_prob(x).dtype == torch.float32
+
+
+def test_mixture_sample_moments(gen):
+    gm = _random_mixture(gen)
+    n = 200_000
+    x = gm.sample(n, gen, dtype=torch.float64)
+    # Standard error of each coordinate mean is sqrt(var/n); allow 5 of them.
+    se = (gm.covariance().diagonal() / n).sqrt()
+    assert ((x.mean(0) - gm.mean()).abs() < 5 * se).all()
+    torch.testing.assert_close(torch.cov(x.T), gm.covariance(), rtol=0.03, atol=0.03)
+
+
+def test_perturbed_mixture_matches_simulation(gen):
+    gm = _random_mixture(gen)
+    sigma, scale = 0.7, 0.6
+    x0 = gm.sample(200_000, gen, dtype=torch.float64)
+    xt = scale * x0 + sigma * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    noisy = gm.perturbed(sigma, scale)
+    torch.testing.assert_close(xt.mean(0), noisy.mean(), atol=0.02, rtol=0)
+    torch.testing.assert_close(torch.cov(xt.T), noisy.covariance(), rtol=0.03, atol=0.03)
+
+
+def test_posterior_mean_is_tweedie(gen):
+    """Gaussian conditioning and Tweedie's formula (x + sigma^2 score)/a must agree."""
+    gm = _random_mixture(gen)
+    sigma, a = 0.8, 0.9
+    x = 2 * torch.randn(30, 2, generator=gen, dtype=torch.float64)
+    tweedie = (x + sigma**2 * gm.perturbed_score(x, sigma, a)) / a
+    torch.testing.assert_close(gm.posterior_mean(x, sigma, a), tweedie)
+
+
+def test_posterior_mean_by_monte_carlo(gen):
+    """Average x_0 over simulated pairs whose x_t falls near a point: close to posterior_mean."""
+    gm = GaussianMixture.isotropic([0.5, 0.5], [[-1.0, 0.0], [1.0, 0.0]], 0.5)
+    sigma = 1.0
+    x0 = gm.sample(400_000, gen, dtype=torch.float64)
+    xt = x0 + sigma * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    point = torch.tensor([[0.5, 0.0]], dtype=torch.float64)
+    near = (xt - point).norm(dim=1) < 0.1
+    mc = x0[near].mean(0)
+    se = x0[near].std(0) / near.sum().sqrt()
+    assert ((mc - gm.posterior_mean(point, sigma)[0]).abs() < 5 * se + 0.01).all()
+
+
+def test_mixture_validation_errors():
+    with pytest.raises(ValueError, match="sum to 1"):
+        GaussianMixture.isotropic([0.5, 0.6], [[0.0, 0.0], [1.0, 1.0]], 1.0)
+    with pytest.raises(ValueError, match="positive definite"):
+        GaussianMixture([1.0], [[0.0, 0.0]], [[[1.0, 2.0], [2.0, 1.0]]])
+    with pytest.raises(ValueError, match="covs must be"):
+        GaussianMixture([1.0], [[0.0, 0.0]], [[1.0]])
+    with pytest.raises(ValueError, match="shape"):
+        GaussianMixture.eight_gaussians().score(torch.zeros(3, 3))
+
+
+def test_named_mixtures():
+    eight = GaussianMixture.eight_gaussians(radius=2.0)
+    assert eight.n_components == 8
+    torch.testing.assert_close(eight.means.norm(dim=1), torch.full((8,), 2.0, dtype=torch.float64))
+    sep = GaussianMixture.separated_modes()
+    torch.testing.assert_close(sep.weights, torch.tensor([0.8, 0.2], dtype=torch.float64))
+
+
+# -- datasets: toys and images ------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(datasets.TOY_DATASETS))
+def test_toys_shape_range_and_reproducibility(name):
+    a = datasets.sample_toy(name, 500, torch.Generator().manual_seed(0))
+    b = datasets.sample_toy(name, 500, torch.Generator().manual_seed(0))
+    assert a.shape == (500, 2) and a.dtype == torch.get_default_dtype()
+    torch.testing.assert_close(a, b)
+    assert a.abs().max() < 4.5 and a.std(0).min() > 0.3
+
+
+def test_checkerboard_occupies_dark_squares_only():
+    x = datasets.checkerboard(5000, torch.Generator().manual_seed(0))
+    cells = torch.floor(x + 2).long()  # cell indices 0..3
+    assert ((cells[:, 0] + cells[:, 1]) % 2 == 0).all()
+
+
+def test_sample_toy_errors():
+    with pytest.raises(ValueError, match="unknown toy data set 'moons'"):
+        datasets.sample_toy("moons", 10)
+    with pytest.raises(ValueError, match="positive integer"):
+        datasets.sample_toy("swiss_roll", 0)
+
+
+def test_data_root_rules(monkeypatch, tmp_path):
+    monkeypatch.setenv("SBGM_DATA_DIR", str(tmp_path))
+    assert datasets.resolve_data_root(None) == tmp_path
+    assert datasets.resolve_data_root("elsewhere") == datasets.Path("elsewhere")
+    monkeypatch.delenv("SBGM_DATA_DIR")
+    assert datasets.resolve_data_root(None) == datasets.Path("data")
+
+
+def test_missing_mnist_says_which_files_to_place(tmp_path):
+    assert not datasets.mnist_available(tmp_path)
+    with pytest.raises(datasets.DataNotFoundError) as info:
+        datasets.load_mnist(tmp_path, download=False)
+    message = str(info.value)
+    assert str(tmp_path / "MNIST" / "raw") in message
+    for name in datasets.MNIST_FILES:
+        assert name in message
+
+
+def test_missing_cifar_says_what_to_place(tmp_path):
+    with pytest.raises(datasets.DataNotFoundError, match="cifar-10-batches-py"):
+        datasets.load_cifar10(tmp_path, download=False)
+
+
+def test_mnist_loader_reads_idx_files(tmp_path):
+    """Write a tiny MNIST in the IDX format and read it back through the loader."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in [("train", 5), ("t10k", 3)]:
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        header = np.array([2051, n, 28, 28], dtype=">i4").tobytes()
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
+        header = np.array([2049, n], dtype=">i4").tobytes()
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(header + labels.tobytes())
+    assert datasets.mnist_available(tmp_path)
+    train = datasets.load_mnist(tmp_path, train=True, download=False)
+    img, label = train[0]
+    assert len(train) == 5 and img.shape == (1, 28, 28) and 0 <= img.min() <= img.max() <= 1
+    assert len(datasets.load_mnist(tmp_path, train=False, download=False)) == 3
+
+
+def test_cifar_subset_fallback(tmp_path, capsys):
+    path = tmp_path / datasets.CIFAR10_SUBSET
+    path.parent.mkdir(parents=True)
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    np.savez(path, images=images, labels=np.arange(4, dtype=np.uint8), classes=np.array(["a"] * 10))
+    ds = datasets.load_cifar10(tmp_path, train=True, download=False)
+    img, label = ds[2]
+    assert len(ds) == 4 and img.shape == (3, 32, 32) and label == 2
+    torch.testing.assert_close(img[:, 5, 7], torch.from_numpy(images[2, 5, 7]).float() / 255)
+    assert "subset" in capsys.readouterr().out
+
+
+def test_real_mnist_when_present():
+    if not datasets.mnist_available():
+        pytest.skip("real MNIST not found: set SBGM_DATA_DIR to a folder containing MNIST/raw/")
+    train = datasets.load_mnist(train=True, download=False)
+    test = datasets.load_mnist(train=False, download=False)
+    assert len(train) == 60_000 and len(test) == 10_000
+
+
+# -- metrics ------------------------------------------------------------------------------------
+def test_mmd_closed_form_for_two_gaussians(gen):
+    """For N(m1, s^2 I) vs N(m2, s^2 I) and bandwidth h, with c = (h^2 / (h^2 + 2 s^2))^(D/2):
+    MMD^2 = 2 c (1 - exp(-|m1 - m2|^2 / (2 (h^2 + 2 s^2))))."""
+    D, s, h, n = 2, 1.0, 1.5, 3000
+    shift = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    x = s * torch.randn(n, D, generator=gen, dtype=torch.float64)
+    y = shift + s * torch.randn(n, D, generator=gen, dtype=torch.float64)
+    c = (h**2 / (h**2 + 2 * s**2)) ** (D / 2)
+    exact = 2 * c * (1 - math.exp(-shift.square().sum().item() / (2 * (h**2 + 2 * s**2))))
+    estimate = metrics.mmd_rbf(x, y, bandwidth=h)
+    assert abs(estimate - exact) < 0.01, (estimate, exact)
+    same = metrics.mmd_rbf(x, s * torch.randn(n, D, generator=gen, dtype=torch.float64), h)
+    assert abs(same) < 0.003
+
+
+def test_mmd_median_bandwidth_and_errors(gen):
+    x = torch.randn(100, 2, generator=gen)
+    assert metrics.median_bandwidth(x, x) > 0
+    assert metrics.mmd_rbf(x, x + 3) > metrics.mmd_rbf(x, x + 1) > 0
+    with pytest.raises(ValueError, match="expected x"):
+        metrics.mmd_rbf(x, torch.randn(100, 3))
+
+
+def test_sliced_wasserstein_known_answers(gen):
+    x = torch.randn(2000, 1, generator=gen, dtype=torch.float64)
+    # In 1D the only directions are +-1: SW_2 of a shift is exactly the shift.
+    assert metrics.sliced_wasserstein(x, x + 0.7, 8, gen) == pytest.approx(0.7, abs=1e-9)
+    assert metrics.sliced_wasserstein(x, x, 8, gen) == 0.0
+    # In D dims, a shift d gives SW_2^2 = E[(theta . d)^2] = |d|^2 / D.
+    D = 4
+    z = torch.randn(1000, D, generator=gen, dtype=torch.float64)
+    d = torch.tensor([1.0, 2.0, 0.0, -2.0], dtype=torch.float64)
+    sw = metrics.sliced_wasserstein(z, z + d, 4000, gen)
+    assert sw == pytest.approx(d.norm().item() / math.sqrt(D), rel=0.05)
+
+
+def test_sliced_wasserstein_unequal_sizes(gen):
+    # N(0, 1) vs N(0, 2^2) in 1D: W_2 = |1 - 2| = 1.
+    x = torch.randn(4000, 1, generator=gen, dtype=torch.float64)
+    y = 2 * torch.randn(3000, 1, generator=gen, dtype=torch.float64)
+    assert metrics.sliced_wasserstein(x, y, 4, gen) == pytest.approx(1.0, abs=0.08)
+
+
+# -- module loading and exercise machinery ------------------------------------------------------
+def test_load_module_by_number():
+    m = modules.load_module("01")
+    assert m is modules.load_module(1)
+    assert modules.module_path("01").name == "01_score_functions_basics.py"
+    assert modules.load_solutions("01").__name__.startswith("solutions_")
+    with pytest.raises(FileNotFoundError, match="no file 77_"):
+        modules.load_module("77")
+
+
+def test_assert_close_messages():
+    exercises.assert_close(torch.ones(3), torch.ones(3), what="ones")
+    with pytest.raises(AssertionError, match="expected shape"):
+        exercises.assert_close(torch.ones(3), torch.ones(3, 1), what="shape")
+    with pytest.raises(AssertionError, match="largest error 2 at index \\(1,\\)"):
+        exercises.assert_close(torch.tensor([1.0, 3.0]), torch.ones(2), what="x", hint="h")
+    with pytest.raises(AssertionError, match="NaN"):
+        exercises.assert_close(torch.tensor([float("nan")]), torch.ones(1), what="nan")
+    with pytest.raises(AssertionError, match="expected a tensor"):
+        exercises.assert_close(None, torch.ones(1), what="none")
+
+
+def test_list_exercises_in_source_order():
+    ns = {}
+    exec("def exercise_b():\n    'B first line.'\n\ndef exercise_a():\n    'A.'\n\ndef helper(): pass",
+         ns)
+    assert exercises.list_exercises(ns) == [("exercise_b", "B first line."), ("exercise_a", "A.")]
+
+
+def test_exercise_requires_a_wrong_answer():
+    with pytest.raises(ValueError, match="wrong answer"):
+        exercises.Exercise("exercise_x", lambda fn: None, [])
+
+
+def test_print_table_aligns_columns(capsys):
+    cli.print_table("T", [("a", 1.5, "2"), ("longer name", "x", "")])
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "T" and out[3].startswith("quantity") and out[6] == "longer name  x"
