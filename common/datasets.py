@@ -78,7 +78,7 @@ class GaussianMixture:
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def isotropic(cls, weights, means, std) -> "GaussianMixture":
+    def isotropic(cls, weights, means, std) -> GaussianMixture:
         """Components N(mu_k, std_k^2 I); ``std`` is a number or one per component."""
         mu = torch.as_tensor(means, dtype=torch.float64)
         K, D = mu.shape
@@ -87,14 +87,14 @@ class GaussianMixture:
         return cls(weights, mu, covs)
 
     @classmethod
-    def eight_gaussians(cls, radius: float = 2.0, std: float = 0.15) -> "GaussianMixture":
+    def eight_gaussians(cls, radius: float = 2.0, std: float = 0.15) -> GaussianMixture:
         """Eight equal-weight Gaussians on a circle of ``radius`` (a classic 2D test set)."""
         angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
         means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
         return cls.isotropic(torch.full((8,), 1 / 8), means, std)
 
     @classmethod
-    def separated_modes(cls, weights=(0.8, 0.2), offset: float = 5.0) -> "GaussianMixture":
+    def separated_modes(cls, weights=(0.8, 0.2), offset: float = 5.0) -> GaussianMixture:
         """w_1 N((-5,-5), I) + w_2 N((5,5), I): two far-apart modes of unequal weight.
 
         With the default 0.8/0.2 this is the example of Song's blog post where plain Langevin
@@ -166,15 +166,15 @@ class GaussianMixture:
         return x.to(dtype=dtype or torch.get_default_dtype(), device=device)
 
     # -- noise perturbation ---------------------------------------------------------------------
-    def perturbed(self, sigma: float, scale: float = 1.0) -> "GaussianMixture":
-        """The law of x_t = scale * x_0 + sigma * z: components N(scale mu_k, scale^2 C_k + sigma^2 I)."""
+    def perturbed(self, sigma: float, scale: float = 1.0) -> GaussianMixture:
+        """Law of x_t = scale x_0 + sigma z: components N(scale mu_k, scale^2 C_k + sigma^2 I)."""
         sigma, scale = float(sigma), float(scale)
         eye = torch.eye(self.dim, dtype=torch.float64)
         return GaussianMixture(self.weights, scale * self.means,
                                scale**2 * self.covs + sigma**2 * eye)
 
     def perturbed_score(self, x: Tensor, sigma: float, scale: float = 1.0) -> Tensor:
-        """grad log p_sigma(x) for x = scale * x_0 + sigma * z (the target of denoising score matching)."""
+        """grad log p_sigma(x) for x = scale * x_0 + sigma * z (the target of denoising SM)."""
         return self.perturbed(sigma, scale).score(x)
 
     def posterior_mean(self, x_noisy: Tensor, sigma: float, scale: float = 1.0) -> Tensor:
@@ -363,7 +363,8 @@ def load_cifar10(data_dir: str | Path | None = None, train: bool = True, downloa
     except RuntimeError:
         pass
     if train and (root / CIFAR10_SUBSET).exists():
-        print(f"Note: full CIFAR-10 not found; using the 4,000-image subset {root / CIFAR10_SUBSET}")
+        print(f"Note: full CIFAR-10 not found; using the 4,000-image subset "
+              f"{root / CIFAR10_SUBSET}")
         return NpzImageDataset(root / CIFAR10_SUBSET, transform=transform)
     reason = "download=False"
     if download:

@@ -22,8 +22,8 @@ wrong answer, and one ``Exercise(...)`` line.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 

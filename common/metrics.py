@@ -25,7 +25,8 @@ Tensor = torch.Tensor
 
 def _check_pair(x: Tensor, y: Tensor) -> None:
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"expected x (N, D) and y (M, D), got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(f"expected x (N, D) and y (M, D), "
+                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
     if len(x) < 2 or len(y) < 2:
         raise ValueError("need at least two points in each sample")
 

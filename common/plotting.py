@@ -7,8 +7,8 @@ over a density, a 1D density beside its score, and a grid of images. Each takes 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import matplotlib
 import numpy as np

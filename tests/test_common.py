@@ -41,7 +41,8 @@ def test_deterministic_mode_switches_torch_flag():
 def test_pick_device_auto_and_cpu(capsys):
     assert device.pick_device("cpu").type == "cpu"
     auto = device.pick_device("auto")
-    expected = "cuda" if torch.cuda.is_available() else ("mps" if device._mps_available() else "cpu")
+    mps = device._mps_available()
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if mps else "cpu")
     assert auto.type == expected
     assert "Device:" in capsys.readouterr().out
 
@@ -386,8 +387,8 @@ def test_assert_close_messages():
 
 def test_list_exercises_in_source_order():
     ns = {}
-    exec("def exercise_b():\n    'B first line.'\n\ndef exercise_a():\n    'A.'\n\ndef helper(): pass",
-         ns)
+    source = "def exercise_b():\n    'B first line.'\n\ndef exercise_a():\n    'A.'\n"
+    exec(source + "\ndef helper(): pass", ns)
     assert exercises.list_exercises(ns) == [("exercise_b", "B first line."), ("exercise_a", "A.")]
 
 
