@@ -19,16 +19,17 @@ MATHEMATICAL BACKGROUND:
 - Mixture sum_k w_k N_k: s(x) = sum_k r_k(x) s_k(x),  r_k(x) = w_k N_k(x) / p(x)
 - Affine map y = A x + b:  s_Y(y) = A^{-T} s_X(A^{-1} (y - b))
 - Tempering p^beta / Z_beta:  s_beta(x) = beta s(x)
-- Moments under p:      E_p[s(x)] = 0,   E_p[s s^T] = -E_p[Hessian log p] = I_F
+- Moments under p:      E_p[s(x)] = 0,   E_p[s s^T] = -E_p[Hessian of log p] = I_F
                         (for N(mu, Sigma): I_F = Sigma^{-1})
+- Notation: "score" here is the gradient in x, not in a parameter theta as in statistics.
 
 IMPLEMENTATION NOTES:
-- Every closed-form score is compared with autograd of the log-density (float64, so agreement
-  is to ~1e-15) and the errors are printed in the closing summary.
+- Every closed-form score is compared with autograd of the log-density in float64; they agree
+  to about 1e-13 (round-off), and the errors are printed in the closing summary.
 - Gaussian mixtures come from common/datasets.py (GaussianMixture), because every later module
   needs their exact scores; this module explains the formula and checks it.
-- Score fields are drawn with arrow lengths clipped at the 90% quantile of |s|: the score grows
-  without bound away from the data and would otherwise swamp the picture.
+- Score fields are drawn with arrow lengths clipped at the 90% quantile of |s| on the plotted
+  grid: the score grows without bound away from the data and would otherwise swamp the picture.
 - Nothing here trains a network; the whole run takes a few seconds on a laptop CPU.
 
 Run:
@@ -60,8 +61,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from common.cli import int_at_least, start_run
 from common.cli import make_parser as shared_parser
-from common.cli import positive_int, start_run
 from common.datasets import GaussianMixture
 from common.plotting import grid_points, plot_density, plot_density_and_score_1d, plot_score_field
 
@@ -70,7 +71,7 @@ Tensor = torch.Tensor
 LogProbFn = Callable[[Tensor], Tensor]  # x: (N, D) -> log p(x): (N,)
 ScoreFn = Callable[[Tensor], Tensor]  # x: (N, D) -> s(x): (N, D)
 
-# Closed forms are checked against autograd in double precision: agreement to ~1e-15.
+# Closed forms are checked against autograd in double precision: they agree to round-off (~1e-13).
 DTYPE = torch.float64
 
 
@@ -90,7 +91,7 @@ class Config:
 def make_parser():
     """The shared flags (common.cli) plus this module's own."""
     parser = shared_parser("Module 01: score functions, drawn and checked against autograd.")
-    parser.add_argument("--mc-samples", type=positive_int, default=None,
+    parser.add_argument("--mc-samples", type=int_at_least(100), default=None,
                         help="Monte Carlo sample size for the moment identities "
                              "(default: 200000, or 20000 with --quick)")
     return parser
@@ -112,48 +113,77 @@ def make_parser():
 # **energy** $E$ and $Z = \int e^{-E(x)}\,dx$ intractable. Taking the logarithm separates the
 # two, and $Z$ does not depend on $x$:
 # $$ \log p(x) = -E(x) - \log Z \quad\Longrightarrow\quad s(x) = -\nabla_x E(x). $$
-# This is the whole reason score-based models exist: a network that outputs $s_\theta(x)$ never
-# has to normalise anything.
+# Why is $Z$ out of reach? It is an integral over all of $\mathbb{R}^D$; for images $D$ is in the
+# thousands and no quadrature or naive Monte Carlo can compute it. This is the whole reason
+# score-based models exist: a neural network $s_\theta(x)$ with parameters $\theta$, trained to
+# approximate $s(x)$ (modules 02 and 04), never has to normalise anything.
+#
+# A word on names: in statistics, "score" and "Fisher information" usually mean gradients with
+# respect to a *parameter* $\theta$ of a model. In this tutorial, following Hyvarinen and Song,
+# the score is always the gradient with respect to the *data point* $x$.
 #
 # ## 2.3 Gaussians
 # For $\mathcal{N}(\mu, \Sigma)$,
-# $\log p(x) = -\tfrac12 (x-\mu)^\top \Sigma^{-1} (x-\mu) - \tfrac12 \log\det(2\pi\Sigma)$, so
+# $\log p(x) = -\tfrac12 (x-\mu)^\top \Sigma^{-1} (x-\mu) - \tfrac12 \log\det(2\pi\Sigma)$.
+# The last term is a constant. For a symmetric matrix $A$, the gradient of the quadratic form
+# $\tfrac12 u^\top A u$ is $A u$ (write it out in 2D to see it), so with $u = x - \mu$ and
+# $A = \Sigma^{-1}$ (the **precision** matrix):
 # $$ s(x) = -\Sigma^{-1}(x - \mu), \qquad \text{in 1D: } s(x) = -\frac{x-\mu}{\sigma^2}. $$
-# The score points back to the mean, and grows linearly with the distance, faster along the
-# directions in which the Gaussian is narrow (large precision).
+# The score points back towards the mean and grows linearly with the distance from it; it grows
+# faster along the directions in which the Gaussian is narrow (large precision, small variance).
 #
 # ## 2.4 Gaussian mixtures
-# For $p(x) = \sum_k w_k \mathcal{N}(x; \mu_k, \Sigma_k)$, differentiate the sum and divide by $p$:
-# $$ s(x) = \sum_k r_k(x)\, s_k(x), \qquad
+# For $p(x) = \sum_k w_k \mathcal{N}_k(x)$ with
+# $\mathcal{N}_k(x) = \mathcal{N}(x; \mu_k, \Sigma_k)$, use $\nabla f = f\, \nabla \log f$ twice:
+# once for each component, $\nabla \mathcal{N}_k = \mathcal{N}_k \nabla \log \mathcal{N}_k
+# = \mathcal{N}_k s_k$, and once for $p$ itself, $s = \nabla p / p$:
+# $$ s(x) = \frac{\sum_k w_k \nabla \mathcal{N}_k(x)}{p(x)} = \sum_k r_k(x)\, s_k(x), \qquad
 #    r_k(x) = \frac{w_k \mathcal{N}(x; \mu_k, \Sigma_k)}{p(x)}, \qquad
 #    s_k(x) = -\Sigma_k^{-1}(x - \mu_k). $$
-# The mixture's score is the average of the component scores weighted by the *posterior*
-# probability $r_k(x)$ that $x$ came from component $k$: near a component, its own score rules.
+# By Bayes' rule, $r_k(x)$ is the *posterior* probability that $x$ came from component $k$
+# (prior $w_k$, likelihood $\mathcal{N}_k(x)$, evidence $p(x)$). So the mixture's score is the
+# average of the component scores weighted by how responsible each component is for $x$: near a
+# component, its own score rules.
 #
 # ## 2.5 An energy model: the banana
-# $E(x) = \tfrac12 x_1^2 + \tfrac12 (x_2 - b\,x_1^2)^2$ bends a Gaussian into a banana. Its score is
-# $$ s(x) = -\nabla E(x) = \begin{pmatrix} -x_1 + 2 b\, x_1 (x_2 - b x_1^2) \\
-#                                          -(x_2 - b\, x_1^2) \end{pmatrix}. $$
+# $E(x) = \tfrac12 x_1^2 + \tfrac12 (x_2 - \kappa\,x_1^2)^2$ bends a Gaussian into a banana
+# (the curvature $\kappa$ sets how much). Its score is
+# $$ s(x) = -\nabla E(x) = \begin{pmatrix} -x_1 + 2 \kappa\, x_1 (x_2 - \kappa x_1^2) \\
+#                                          -(x_2 - \kappa\, x_1^2) \end{pmatrix}. $$
 # (Here we happen to know $Z = 2\pi$: $x_1 \sim \mathcal{N}(0,1)$ and
-# $x_2 \mid x_1 \sim \mathcal{N}(b x_1^2, 1)$. That lets us show the normalised and the
-# unnormalised density have *the same* score.)
+# $x_2 \mid x_1 \sim \mathcal{N}(\kappa x_1^2, 1)$. That lets us show the normalised and the
+# unnormalised density have *the same* score, and sample it exactly.)
 #
 # ## 2.6 Affine change of variables
-# If $y = A x + b$ with $A$ invertible, then $p_Y(y) = p_X(A^{-1}(y-b)) / |\det A|$. The
-# Jacobian factor is a constant, so it drops out of the gradient, and the chain rule gives
+# If $y = A x + b$ with $A$ invertible, then $p_Y(y) = p_X(A^{-1}(y-b)) / |\det A|$: the map
+# stretches volumes by the factor $|\det A|$, so the density (probability per volume) shrinks by
+# the same factor. That factor is a constant, so it drops out of $\nabla \log p_Y$, and the chain
+# rule through $x = A^{-1}(y - b)$ gives
 # $$ s_Y(y) = A^{-\top} s_X\big(A^{-1}(y - b)\big). $$
-# Note the transpose: scores transform like gradients (covectors), not like points.
+# Note the transpose: a gradient transforms with $A^{-\top}$, while points transform with $A$.
 #
 # ## 2.7 Tempering
-# Raising a density to a power and renormalising, $p_\beta \propto p^\beta$, multiplies its score:
-# $s_\beta(x) = \beta\, s(x)$. $\beta > 1$ sharpens the modes, $\beta < 1$ flattens them.
+# Raising a density to a power and renormalising, $p_\beta = p^\beta / Z_\beta$, gives
+# $\log p_\beta = \beta \log p - \log Z_\beta$, so its score is $s_\beta(x) = \beta\, s(x)$.
+# $\beta > 1$ sharpens the modes, $\beta < 1$ flattens them. Tempering is the simplest way to
+# trade diversity for fidelity when sampling, and it returns in module 10 as the guidance scale.
 #
 # ## 2.8 Two identities: the score has mean zero, and its covariance is the Fisher information
 # $$ \mathbb{E}_p[s(x)] = \int p \,\frac{\nabla p}{p}\, dx = \int \nabla p\, dx = 0, $$
-# because $p$ vanishes at infinity. Differentiating once more (integration by parts),
-# $$ \mathbb{E}_p[s s^\top] = -\mathbb{E}_p[\nabla^2 \log p(x)] = I_F, $$
-# the Fisher information. For a Gaussian the Hessian is $-\Sigma^{-1}$ everywhere, so
-# $I_F = \Sigma^{-1}$. Module 02 builds score matching on this same integration by parts.
+# because $p$ vanishes at infinity. For the second moment, write one factor as
+# $p\, \partial_i \log p = \partial_i p$ and integrate by parts in $x_i$ (the boundary term
+# vanishes again):
+# $$ \mathbb{E}_p[s_i s_j] = \int \partial_i p\; \partial_j \log p \, dx
+#    = -\int p\; \partial_i \partial_j \log p \, dx = -\mathbb{E}_p[H_{ij}], $$
+# where $H = \nabla^2 \log p$ is the **Hessian**, the matrix of second derivatives
+# $\partial_i\partial_j \log p$. This matrix $I_F = \mathbb{E}_p[s s^\top]$ is the **Fisher
+# information** of a location parameter: shifting $p$ by $\mu$, $\nabla_\mu \log p(x - \mu) =
+# -\nabla_x \log p(x-\mu)$, so our $x$-score is the statistician's $\mu$-score up to sign.
+# For a Gaussian the Hessian is $-\Sigma^{-1}$ everywhere, so $I_F = \Sigma^{-1}$. For the banana,
+# differentiating $E$ twice and averaging ($\mathbb{E}[x_2 - \kappa x_1^2] = 0$,
+# $\mathbb{E}[x_1] = 0$, $\mathbb{E}[x_1^2] = 1$) gives $I_F = \mathrm{diag}(1 + 4\kappa^2,\ 1)$:
+# a non-Gaussian case we check by Monte Carlo too. Module 02 builds score matching on this same
+# integration by parts.
 
 # %% [markdown]
 # # Section 3: Implementation
@@ -229,22 +259,31 @@ def example_mixture_1d() -> GaussianMixture:
 # ## 3.4 The banana energy model (Section 2.5)
 
 # %%
-def banana_energy(x: Tensor, b: float = 0.5) -> Tensor:
-    """E(x) = x1^2 / 2 + (x2 - b x1^2)^2 / 2.   x: (N, 2) -> (N,)."""
+def banana_energy(x: Tensor, kappa: float = 0.5) -> Tensor:
+    """E(x) = x1^2 / 2 + (x2 - kappa x1^2)^2 / 2.   x: (N, 2) -> (N,)."""
     x1, x2 = x[:, 0], x[:, 1]
-    return 0.5 * x1**2 + 0.5 * (x2 - b * x1**2) ** 2
+    return 0.5 * x1**2 + 0.5 * (x2 - kappa * x1**2) ** 2
 
 
-def banana_log_prob(x: Tensor, b: float = 0.5) -> Tensor:
-    """Normalised log-density -E(x) - log Z, Z = 2 pi  (x1 ~ N(0,1), x2 | x1 ~ N(b x1^2, 1))."""
-    return -banana_energy(x, b) - math.log(2 * math.pi)
+def banana_log_prob(x: Tensor, kappa: float = 0.5) -> Tensor:
+    """Normalised log-density -E(x) - log Z, Z = 2 pi  (x1 ~ N(0,1), x2 | x1 ~ N(kappa x1^2, 1))."""
+    return -banana_energy(x, kappa) - math.log(2 * math.pi)
 
 
-def banana_score(x: Tensor, b: float = 0.5) -> Tensor:
-    """s(x) = -grad E(x) = (-x1 + 2 b x1 (x2 - b x1^2),  -(x2 - b x1^2)).   (N, 2) -> (N, 2)."""
+def banana_score(x: Tensor, kappa: float = 0.5) -> Tensor:
+    """s(x) = -grad E = (-x1 + 2 kappa x1 (x2 - kappa x1^2), -(x2 - kappa x1^2)).
+
+    x: (N, 2) -> (N, 2).
+    """
     x1, x2 = x[:, 0], x[:, 1]
-    r = x2 - b * x1**2  # the residual of x2 around the curved ridge x2 = b x1^2
-    return torch.stack([-x1 + 2 * b * x1 * r, -r], dim=1)
+    r = x2 - kappa * x1**2  # the residual of x2 around the curved ridge x2 = kappa x1^2
+    return torch.stack([-x1 + 2 * kappa * x1 * r, -r], dim=1)
+
+
+def banana_sample(n: int, kappa: float = 0.5, generator=None) -> Tensor:
+    """Exact samples: x1 ~ N(0, 1), then x2 | x1 ~ N(kappa x1^2, 1). Returns (n, 2), float64."""
+    z = torch.randn(n, 2, generator=generator, dtype=DTYPE)
+    return torch.stack([z[:, 0], kappa * z[:, 0] ** 2 + z[:, 1]], dim=1)
 
 
 # %% [markdown]
@@ -346,10 +385,12 @@ def demo_1d(run, cfg: Config) -> dict:
 
 # %% [markdown]
 # ## 4.2 Two dimensions: score fields on top of densities
-# Arrows point uphill in log-density, towards the modes. For the full-covariance Gaussian they
-# do *not* point straight at the mean: $-\Sigma^{-1}(x-\mu)$ bends them towards the narrow
-# direction. In the mixture, each arrow follows the component that "owns" its region, and they
-# meet along the ridges between components. The banana's arrows pull onto its curved ridge.
+# Arrows point uphill in log-density, towards the modes, and they are short near each mode,
+# where the score vanishes. For the full-covariance Gaussian they do *not* point straight at the
+# mean: $-\Sigma^{-1}(x-\mu)$ bends them towards the narrow direction. In the mixture, each
+# arrow follows the component that "owns" its region, and the field changes direction along the
+# boundaries between those regions. The banana's arrows pull onto its curved ridge
+# $x_2 = \kappa x_1^2$.
 
 # %%
 GAUSS_MEAN = torch.tensor([1.0, -1.0], dtype=DTYPE)
@@ -363,17 +404,19 @@ def demo_score_fields(run, cfg: Config) -> dict:
          lambda x: gaussian_log_prob(x, GAUSS_MEAN, GAUSS_COV),
          lambda x: gaussian_score(x, GAUSS_MEAN, GAUSS_COV), (-3.5, 5.5), (-5, 3)),
         ("Gaussian mixture (3 components)", mix.log_prob, mix.score, (-4, 4), (-4, 4)),
-        ("Banana energy model, b = 0.5", banana_log_prob, banana_score, (-3.5, 3.5), (-2.5, 4.5)),
+        ("Banana energy model, kappa = 0.5", banana_log_prob, banana_score, (-3.5, 3.5),
+         (-2.5, 4.5)),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 5))
     errors = {}
     for ax, (title, log_prob, score, xlim, ylim) in zip(axes, panels):
         plot_density(ax, log_prob, xlim, ylim, n_grid=cfg.grid)
-        plot_score_field(ax, score, xlim, ylim, n_arrows=cfg.arrows, clip_quantile=0.7)
+        plot_score_field(ax, score, xlim, ylim, n_arrows=cfg.arrows)
         ax.set_title(title)
         _, _, pts = grid_points(xlim, ylim, 50)
         errors[title] = max_abs_diff(score(pts), autograd_score(log_prob, pts))
-    fig.suptitle("Density (shading) and score s(x) = grad log p(x) (arrows; long arrows clipped)")
+    fig.suptitle("Density (shading) and score s(x) = grad log p(x) (arrows; the longest 10% "
+                 "are clipped)")
     run.save(fig, "score_fields_2d")
     return {"gaussian_autograd_error": errors[panels[0][0]],
             "mixture_autograd_error": errors[panels[1][0]],
@@ -382,15 +425,15 @@ def demo_score_fields(run, cfg: Config) -> dict:
 
 # %% [markdown]
 # ## 4.3 The normalising constant is invisible to the score
-# Left: along the slice $x_1 = 1$ the normalised log-density $\log p = -E - \log 2\pi$ and the
+# Left: along the line $x_2 = 1$, the normalised log-density $\log p = -E - \log 2\pi$ and the
 # unnormalised $-E$ are the same curve shifted by $\log 2\pi \approx 1.84$. Right: their
-# derivatives, computed by autograd from each, coincide exactly. We also integrate $e^{-E}$ on a
-# grid to confirm $Z = 2\pi$.
+# derivatives $\partial/\partial x_1$, computed by autograd from each, coincide exactly. We also
+# integrate $e^{-E}$ on a grid to confirm $Z = 2\pi$.
 
 # %%
 def demo_normaliser_invariance(run, cfg: Config) -> dict:
-    x2 = torch.linspace(-2.5, 4.5, 400, dtype=DTYPE)
-    slice_pts = torch.stack([torch.ones_like(x2), x2], dim=1)  # the line x1 = 1
+    x1 = torch.linspace(-3, 3, 400, dtype=DTYPE)
+    slice_pts = torch.stack([x1, torch.ones_like(x1)], dim=1)  # the line x2 = 1
     log_p = banana_log_prob(slice_pts)
     neg_e = -banana_energy(slice_pts)
     s_norm = autograd_score(banana_log_prob, slice_pts)
@@ -398,20 +441,22 @@ def demo_normaliser_invariance(run, cfg: Config) -> dict:
 
     # Z = integral of exp(-E) over the plane, by the trapezoid rule on a generous box.
     X, Y, pts = grid_points((-8, 8), (-6, 40), 1201)
-    density = torch.exp(-banana_energy(pts)).reshape(X.shape).numpy()
-    Z = np.trapezoid(np.trapezoid(density, X[0], axis=1), Y[:, 0])
+    density = torch.exp(-banana_energy(pts)).reshape(X.shape)
+    xs, ys = torch.from_numpy(X[0]), torch.from_numpy(Y[:, 0])
+    Z = torch.trapezoid(torch.trapezoid(density, xs, dim=1), ys).item()
 
     fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_l.plot(x2, neg_e, label="unnormalised: -E(x)")
-    ax_l.plot(x2, log_p, "--", label="normalised: -E(x) - log Z")
-    ax_l.set_xlabel("$x_2$ (on the slice $x_1 = 1$)")
+    ax_l.plot(x1, neg_e, label="unnormalised: -E(x)")
+    ax_l.plot(x1, log_p, "--", label="normalised: -E(x) - log Z")
+    ax_l.set_xlabel("$x_1$ (on the line $x_2 = 1$)")
     ax_l.set_ylabel("log density")
     ax_l.set_title(f"The two differ by the constant log Z = {math.log(Z):.4f}")
     ax_l.legend()
-    ax_r.plot(x2, s_unnorm[:, 1], lw=4, alpha=0.4, label="from -E(x)")
-    ax_r.plot(x2, s_norm[:, 1], "k--", label="from log p(x)")
-    ax_r.set_xlabel("$x_2$ (on the slice $x_1 = 1$)")
-    ax_r.set_ylabel(r"score component $\partial \log p / \partial x_2$")
+    ax_r.plot(x1, s_unnorm[:, 0], lw=4, alpha=0.4, label="from -E(x)")
+    ax_r.plot(x1, s_norm[:, 0], "k--", label="from log p(x)")
+    ax_r.axhline(0, color="gray", lw=0.8, ls=":")
+    ax_r.set_xlabel("$x_1$ (on the line $x_2 = 1$)")
+    ax_r.set_ylabel(r"score component $\partial \log p / \partial x_1$")
     ax_r.set_title("...but their scores are identical")
     ax_r.legend()
     run.save(fig, "normalised_vs_unnormalised")
@@ -423,9 +468,14 @@ def demo_normaliser_invariance(run, cfg: Config) -> dict:
 
 # %% [markdown]
 # ## 4.4 Where the score is large and where it vanishes
-# $|s(x)|$ is zero at each mode and at the saddle points between modes, and grows with the
-# distance from the data. That is why a *learned* score is poor far from the data (module 04):
-# there are no training samples where the field is largest.
+# $|s(x)|$ is zero wherever $\log p$ is flat: at each mode, at the saddle points between two
+# modes, and at the density's minimum in the middle of the three components (the dark spots).
+# In a mixture the modes sit slightly off the component means, because each neighbour pulls a
+# little; so $|s|$ at a component mean is small but not exactly zero. The faint arc at the top
+# left is a boundary far from the data where two components hand over. Away from the data
+# $|s|$ keeps growing. Keep this map in mind for module 04: a *learned* score is accurate only
+# where training samples are, i.e. where the density is high; the large-$|s|$ outskirts have
+# no data, so there the learned field is unreliable.
 
 # %%
 def demo_score_magnitude(run, cfg: Config) -> dict:
@@ -450,16 +500,21 @@ def demo_score_magnitude(run, cfg: Config) -> dict:
 
 # %% [markdown]
 # ## 4.5 Affine maps and tempering act on scores directly
-# Left: we push the mixture through $y = A x + b$ with a shear-and-stretch $A$. The arrows are
-# $A^{-\top} s_X(A^{-1}(y-b))$, computed from the *original* score alone; the shading is the
+# Left: we push the mixture through $y = A x + b$ with a shear-and-stretch $A$. The black arrows
+# are $A^{-\top} s_X(A^{-1}(y-b))$, computed from the *original* score alone; the shading is the
 # transformed density, known in closed form (each component becomes
-# $\mathcal{N}(A\mu_k + b, A\Sigma_k A^\top)$), and its exact score matches the arrows.
-# Right: tempering the 1D mixture. $p^\beta$ (renormalised on the grid) sharpens for $\beta > 1$
-# and flattens for $\beta < 1$, and its score is exactly $\beta$ times the original.
+# $\mathcal{N}(A\mu_k + b, A\Sigma_k A^\top)$), and the thick orange arrows underneath are its
+# exact score: every black arrow sits exactly on its orange twin. Middle and right: tempering
+# the 1D mixture. $p^\beta$ (renormalised on
+# the grid) sharpens for $\beta > 1$ and flattens for $\beta < 1$, and its score is $\beta$ times
+# the original: the zero crossings (modes and trough) stay put, the slopes scale. Note that
+# tempering also moves *mass* between the modes: with $\beta = 3$ the heavier bump takes almost
+# everything. Relative mode weights are fragile, a theme of modules 03 and 07.
 
 # %%
 AFFINE_A = torch.tensor([[1.2, 0.8], [-0.3, 0.6]], dtype=DTYPE)
 AFFINE_B = torch.tensor([0.5, -0.5], dtype=DTYPE)
+BETAS = (0.3, 1.0, 3.0)
 
 
 def demo_affine_and_tempering(run, cfg: Config) -> dict:
@@ -469,37 +524,55 @@ def demo_affine_and_tempering(run, cfg: Config) -> dict:
     _, _, pts = grid_points((-5, 5), (-4, 4), 60)
     affine_error = max_abs_diff(score_y(pts), pushed.score(pts))
 
-    fig, (ax_a, ax_t) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (ax_a, ax_p, ax_s) = plt.subplots(1, 3, figsize=(18, 5),
+                                           gridspec_kw={"width_ratios": [1.4, 1, 1]})
     xlim, ylim = (-5, 5), (-3.5, 3.5)
     plot_density(ax_a, pushed.log_prob, xlim, ylim, n_grid=cfg.grid)
-    plot_score_field(ax_a, score_y, xlim, ylim, n_arrows=cfg.arrows, clip_quantile=0.7)
-    ax_a.set_title("y = A x + b. Shading: exact density of y.\n"
-                   "Arrows: $A^{-T} s_X(A^{-1}(y - b))$, from the score of x alone")
+    # Thick orange under thin black: where they agree, each black arrow has an orange halo.
+    plot_score_field(ax_a, pushed.score, xlim, ylim, n_arrows=cfg.arrows, color="tab:orange",
+                     label="exact score of y", width=0.010)
+    plot_score_field(ax_a, score_y, xlim, ylim, n_arrows=cfg.arrows, color="k",
+                     label="$A^{-T} s_X(A^{-1}(y - b))$", width=0.003)
+    ax_a.set_xlabel("$y_1$")
+    ax_a.set_ylabel("$y_2$")
+    ax_a.set_title("y = A x + b: shading is the density of y")
+    ax_a.legend(loc="upper right", framealpha=0.9)
 
     x = torch.linspace(-5, 5, 801, dtype=DTYPE)[:, None]
     mix1 = example_mixture_1d()
     dx = (x[1] - x[0]).item()
     tempering_error = 0.0
-    for beta in (0.3, 1.0, 3.0):
+    for beta in BETAS:
         log_unnorm = beta * mix1.log_prob(x)  # log p^beta, unnormalised
         density = log_unnorm.exp() / (log_unnorm.exp().sum() * dx)  # renormalise on the grid
-        (line,) = ax_t.plot(x[:, 0], density, label=f"$p^\\beta$, beta = {beta:g}")
+        ax_p.plot(x[:, 0], density, label=f"beta = {beta:g}")
         s_beta = tempered_score(mix1.score, beta)(x)
+        ax_s.plot(x[:, 0], s_beta[:, 0], label=f"beta = {beta:g}")
         tempering_error = max(tempering_error, max_abs_diff(
-            s_beta, autograd_score(lambda z, b=beta: b * mix1.log_prob(z), x)))
-    ax_t.set_xlabel("x")
-    ax_t.set_ylabel("density (renormalised)")
-    ax_t.set_title("Tempering: p^beta has score beta * s(x)")
-    ax_t.legend()
+            s_beta, autograd_score(lambda z, k=beta: k * mix1.log_prob(z), x)))
+    ax_p.set_xlabel("x")
+    ax_p.set_ylabel("density (renormalised)")
+    ax_p.set_title("Tempered densities $p^\\beta / Z_\\beta$")
+    ax_p.legend()
+    ax_s.axhline(0, color="gray", lw=0.8, ls=":")
+    ax_s.set_ylim(-15, 15)
+    ax_s.set_xlabel("x")
+    ax_s.set_ylabel("score")
+    ax_s.set_title("Their scores: beta * s(x)")
+    ax_s.legend()
     run.save(fig, "affine_and_tempering")
     return {"affine_error": affine_error, "tempering_error": tempering_error}
 
 
 # %% [markdown]
-# ## 4.6 Moments of the score: E[s] = 0 and E[s s^T] = Sigma^{-1}
+# ## 4.6 Moments of the score: E[s] = 0 and E[s s^T] = Fisher information
 # We draw samples from the full-covariance Gaussian of 4.2 and average $s$ and $s s^\top$ over
 # growing subsets. The estimates settle on $0$ and on $\Sigma^{-1}$; the shaded bands are
-# $\pm 2$ standard errors, which shrink like $1/\sqrt{N}$.
+# $\pm 2$ standard errors (standard deviation of the averaged terms divided by $\sqrt{N}$), which
+# shrink like $1/\sqrt{N}$. The summary reports each final estimate's deviation from the exact
+# value *in units of its standard error*: values below about 3 are what chance produces; a
+# wrong formula would give tens or hundreds. The same check on exact samples of the banana
+# tests the non-Gaussian case, $I_F = \mathrm{diag}(1 + 4\kappa^2, 1)$.
 
 # %%
 def demo_fisher_information(run, cfg: Config) -> dict:
@@ -511,39 +584,42 @@ def demo_fisher_information(run, cfg: Config) -> dict:
     def score(x):
         return gaussian_score(x, GAUSS_MEAN, GAUSS_COV)
 
-    sizes = np.unique(np.geomspace(100, cfg.mc_samples, 25).astype(int))
-    entries = [("E[s_1]", lambda m: m["mean"][0], lambda m: m["mean_se"][0], 0.0),
-               ("E[s_1 s_1]", lambda m: m["second_moment"][0, 0],
-                lambda m: m["second_moment_se"][0, 0], precision[0, 0].item()),
-               ("E[s_1 s_2]", lambda m: m["second_moment"][0, 1],
-                lambda m: m["second_moment_se"][0, 1], precision[0, 1].item()),
-               ("E[s_2 s_2]", lambda m: m["second_moment"][1, 1],
-                lambda m: m["second_moment_se"][1, 1], precision[1, 1].item())]
+    sizes = np.unique(np.geomspace(min(100, cfg.mc_samples), cfg.mc_samples, 25).astype(int))
+    entries = [("E[s_1]", ("mean", 0), 0.0), ("E[s_2]", ("mean", 1), 0.0),
+               ("E[s_1 s_1]", ("second_moment", 0, 0), precision[0, 0].item()),
+               ("E[s_1 s_2]", ("second_moment", 0, 1), precision[0, 1].item()),
+               ("E[s_2 s_2]", ("second_moment", 1, 1), precision[1, 1].item())]
     traces = {name: ([], []) for name, *_ in entries}
     for n in sizes:
-        m = score_moments(score, samples[:n])
-        for name, value, se, _ in entries:
-            traces[name][0].append(value(m).item())
-            traces[name][1].append(se(m).item())
+        mom = score_moments(score, samples[:n])
+        for name, (key, *idx), _ in entries:
+            traces[name][0].append(mom[key][tuple(idx)].item())
+            traces[name][1].append(mom[key + "_se"][tuple(idx)].item())
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, _, _, exact in entries:
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    for name, _, exact in entries:
         est, se = np.array(traces[name][0]), np.array(traces[name][1])
         (line,) = ax.plot(sizes, est, label=f"{name} (exact {exact:.3f})")
         ax.fill_between(sizes, est - 2 * se, est + 2 * se, color=line.get_color(), alpha=0.2)
         ax.axhline(exact, color=line.get_color(), ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("number of samples N")
-    ax.set_ylabel("Monte Carlo estimate")
+    ax.set_ylabel("Monte Carlo estimate (band: $\\pm 2$ standard errors)")
     ax.set_title("Score moments converge to 0 and to the Fisher information $\\Sigma^{-1}$")
     ax.legend(ncol=2)
     run.save(fig, "score_moments")
 
     final = score_moments(score, samples)
-    z_mean = (final["mean"] / final["mean_se"]).abs().max().item()
-    z_fisher = ((final["second_moment"] - precision) / final["second_moment_se"]).abs().max().item()
-    return {"mean_score": final["mean"].tolist(), "mean_z": z_mean,
-            "fisher": final["second_moment"], "precision": precision, "fisher_z": z_fisher}
+    banana = score_moments(banana_score, banana_sample(cfg.mc_samples, 0.5, run.generator))
+    banana_fisher = torch.diag(torch.tensor([1 + 4 * 0.5**2, 1.0], dtype=DTYPE))
+    return {"mean_score": final["mean"].tolist(),
+            "mean_dev": (final["mean"] / final["mean_se"]).abs().max().item(),
+            "fisher": final["second_moment"], "precision": precision,
+            "fisher_dev": ((final["second_moment"] - precision)
+                           / final["second_moment_se"]).abs().max().item(),
+            "banana_fisher": banana["second_moment"], "banana_fisher_exact": banana_fisher,
+            "banana_dev": ((banana["second_moment"] - banana_fisher)
+                           / banana["second_moment_se"]).abs().max().item()}
 
 
 # %% [markdown]
@@ -567,7 +643,7 @@ def exercise_student_t_score(x: Tensor, nu: float) -> Tensor:
     Returns:
         (N,) the score d/dx log p(x).
 
-    Example: for nu = 1 (the Cauchy distribution), the score at x = 1 is -1.0.
+    Example: for nu = 4, the score at x = 2 is -1.25 (a Gaussian N(0, 1) would give -2).
 
     Hint: write log p(x) = -(nu + 1)/2 * log(1 + x^2/nu) + const and differentiate. Compare
     with the Gaussian score -x: what happens far from 0, and why do heavy tails cause that?
@@ -669,7 +745,7 @@ def exercise_product_of_gaussians(mean1: Tensor, cov1: Tensor, mean2: Tensor,
 #   at modes and grows away from the data.
 # - It never involves the normalising constant: $\nabla \log (e^{-E}/Z) = -\nabla E$.
 # - Gaussians have linear scores $-\Sigma^{-1}(x-\mu)$; mixtures average component scores with
-#   posterior weights; energy models give $-\nabla E$. Autograd confirms each to ~1e-15.
+#   posterior weights; energy models give $-\nabla E$. Autograd confirms each to round-off.
 # - Scores transform as $A^{-\top} s(A^{-1}(y-b))$ under affine maps and scale by $\beta$ under
 #   tempering.
 # - $\mathbb{E}_p[s] = 0$ and $\mathbb{E}_p[s s^\top]$ is the Fisher information ($\Sigma^{-1}$
@@ -690,10 +766,10 @@ def main(argv=None):
     r.update(demo_affine_and_tempering(run, cfg))
     r.update(demo_fisher_information(run, cfg))
 
-    fisher, prec = r["fisher"], r["precision"]
+    fisher, prec, bf = r["fisher"], r["precision"], r["banana_fisher"]
     rows = [
         ("closed form vs autograd, 1D Gaussians and mixture", f"{r['1d_autograd_error']:.1e}",
-         "< 1e-12 (float64 round-off)"),
+         "< 1e-12 (float64 round-off is ~1e-14)"),
         ("closed form vs autograd, full-covariance Gaussian",
          f"{r['gaussian_autograd_error']:.1e}", "< 1e-12"),
         ("closed form vs autograd, 3-component mixture", f"{r['mixture_autograd_error']:.1e}",
@@ -704,16 +780,19 @@ def main(argv=None):
          f"2 pi = {2 * math.pi:.6f}"),
         ("banana: |score(log p) - score(-E)|", f"{r['normaliser_score_diff']:.1e}", "0"),
         ("|score| at the mixture's component means", f"{r['max_score_at_means']:.3f}",
-         "small, not 0 (neighbours pull)"),
+         "small, not 0: modes sit slightly off the means"),
         ("affine map: A^-T s_X(A^-1(y-b)) vs exact", f"{r['affine_error']:.1e}", "< 1e-12"),
         ("tempering: beta s vs autograd of beta log p", f"{r['tempering_error']:.1e}", "< 1e-12"),
-        (f"E_p[s] (N = {cfg.mc_samples})",
+        (f"E_p[s], Gaussian (N = {cfg.mc_samples})",
          "[" + ", ".join(f"{v:+.4f}" for v in r["mean_score"]) + "]",
-         f"[0, 0]; max |z| = {r['mean_z']:.2f} (< 4 expected)"),
-        ("E_p[s s^T] entries (11, 12, 22)",
+         f"[0, 0]; deviation {r['mean_dev']:.1f} std. errors (< 3 expected)"),
+        ("E_p[s s^T] entries (11, 12, 22), Gaussian",
          f"{fisher[0, 0]:.3f}, {fisher[0, 1]:.3f}, {fisher[1, 1]:.3f}",
          f"Sigma^-1: {prec[0, 0]:.3f}, {prec[0, 1]:.3f}, {prec[1, 1]:.3f};"
-         f" max |z| = {r['fisher_z']:.2f}"),
+         f" deviation {r['fisher_dev']:.1f} s.e."),
+        ("E_p[s s^T] entries (11, 12, 22), banana",
+         f"{bf[0, 0]:.3f}, {bf[0, 1]:.3f}, {bf[1, 1]:.3f}",
+         f"diag(1 + 4 kappa^2, 1) = 2, 0, 1; deviation {r['banana_dev']:.1f} s.e."),
     ]
     run.finish(rows, globals(), "01")
     return r

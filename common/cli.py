@@ -37,6 +37,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def int_at_least(minimum: int):
+    """argparse type factory: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = _parse(text, int, "an integer")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+
+    parse.__name__ = f"int_at_least_{minimum}"
+    return parse
+
+
 def nonnegative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
     value = _parse(text, int, "an integer")
@@ -70,14 +83,15 @@ def _parse(text: str, kind: type, what: str):
 
 def make_parser(description: str) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` that already has the shared flags; add module flags to it."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=description)
     shared = parser.add_argument_group("flags shared by every module")
     shared.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, seconds")
-    shared.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="where to run")
-    shared.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
-    shared.add_argument("--outdir", type=Path, default=Path("outputs"), help="figure folder")
+    shared.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                        help="where to run (default: auto = cuda, then mps, then cpu)")
+    shared.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default: 0)")
+    shared.add_argument("--outdir", type=Path, default=Path("outputs"),
+                        help="figure folder; each module writes to OUTDIR/<module name>/ "
+                             "(default: outputs)")
     shared.add_argument("--show", action="store_true", help="open figure windows as well")
     shared.add_argument(
         "--data-dir", type=Path, default=None,
@@ -164,5 +178,8 @@ def start_run(parser: argparse.ArgumentParser, module_name: str, argv=None) -> R
     generator = seed_everything(args.seed, deterministic=args.deterministic)
     setup_matplotlib(show=args.show)
     outdir = Path(args.outdir) / module_name
-    outdir.mkdir(parents=True, exist_ok=True)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.error(f"argument --outdir: cannot create {outdir}: {err.strerror}")
     return Run(args=args, device=device, generator=generator, outdir=outdir)

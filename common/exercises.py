@@ -42,6 +42,7 @@ def assert_close(actual, expected, *, what: str, hint: str = "", rtol: float = 1
     entries), where the largest error is, and a hint. Both arguments may be tensors, arrays or
     numbers.
     """
+    __tracebackhide__ = True  # pytest shows the learner the message, not this function's code
     hint_line = f"\n  hint: {hint}" if hint else ""
     if not isinstance(actual, torch.Tensor):
         try:
@@ -159,5 +160,5 @@ def print_exercises(namespace: dict, number: str) -> None:
     print(f"\nExercises (Section 5 of {path.name}):")
     for name, summary in list_exercises(namespace):
         print(f"  - {name}: {summary}")
-    print(f"Check your answers:  pytest tests/test_{number}_exercises.py"
-          f"   (reference solutions: solutions/{path.name})")
+    print(f"Check your answers:  pytest tests/test_{number}_exercises.py -k your_answer")
+    print(f"(skipped = not attempted yet; reference solutions: solutions/{path.name})")

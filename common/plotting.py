@@ -80,7 +80,7 @@ def plot_density(ax, log_prob: LogProbFn, xlim=(-4, 4), ylim=(-4, 4), n_grid: in
 
 def plot_score_field(ax, score: ScoreFn, xlim=(-4, 4), ylim=(-4, 4), n_arrows: int = 20,
                      dtype=torch.float64, color: str = "k", clip_quantile: float = 0.9,
-                     label: str | None = None):
+                     label: str | None = None, width: float = 0.004):
     """Arrows of the score on an ``n_arrows x n_arrows`` grid.
 
     Far from the data a score grows without bound (linearly for a Gaussian), so raw arrows would
@@ -93,11 +93,11 @@ def plot_score_field(ax, score: ScoreFn, xlim=(-4, 4), ylim=(-4, 4), n_arrows: i
     norm = np.linalg.norm(s, axis=1, keepdims=True)
     cap = np.quantile(norm, clip_quantile) if clip_quantile < 1 else norm.max()
     s = s * np.minimum(1.0, cap / np.maximum(norm, 1e-12))
-    # Longest arrow spans about one grid cell.
-    cell = (xlim[1] - xlim[0]) / (n_arrows - 1)
+    # The longest arrow spans about one grid cell (the smaller of its width and height).
+    cell = min(xlim[1] - xlim[0], ylim[1] - ylim[0]) / (n_arrows - 1)
     scale = max(cap, 1e-12) / (0.9 * cell)
     return ax.quiver(X, Y, s[:, 0].reshape(X.shape), s[:, 1].reshape(X.shape), color=color,
-                     angles="xy", scale_units="xy", scale=scale, width=0.004, label=label)
+                     angles="xy", scale_units="xy", scale=scale, width=width, label=label)
 
 
 def plot_density_with_score(ax, log_prob: LogProbFn, score: ScoreFn, xlim=(-4, 4), ylim=(-4, 4),

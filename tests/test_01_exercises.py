@@ -1,5 +1,7 @@
 """Checks for the exercises of 01_score_functions_basics.py.
 
+Spoiler warning: the "wrong answers" below are near-solutions. Try the exercises first.
+
 Each check compares an implementation with ground truth (autograd of the log-density, or the
 GaussianMixture class) and explains what went wrong. ``exercise_tests`` turns the checks into
 three tests: the reference passes, every wrong answer below fails, and your answer passes (or is
@@ -178,7 +180,7 @@ def test_examples_in_docstrings_hold():
     from common.modules import load_solutions
 
     sol = load_solutions("01")
-    assert sol.exercise_student_t_score(torch.tensor([1.0]), 1.0).item() == pytest.approx(-1.0)
+    assert sol.exercise_student_t_score(torch.tensor([2.0]), 4.0).item() == pytest.approx(-1.25)
     s = sol.exercise_ring_score(torch.tensor([[3.0, 0.0]]), 2.0, 0.5)
     torch.testing.assert_close(s, torch.tensor([[-4.0, 0.0]]))
     x = torch.linspace(-8, 8, 1601, dtype=F64)

@@ -50,13 +50,13 @@ def test_mixture_score_is_posterior_weighted_component_scores(gen):
 
 def test_banana_score_is_minus_grad_energy(gen):
     x = 2 * torch.randn(50, 2, generator=gen, dtype=F64)
-    for b in (0.0, 0.5, 1.3):
-        auto = m.autograd_score(lambda z: -m.banana_energy(z, b), x)
-        torch.testing.assert_close(m.banana_score(x, b), auto)
+    for kappa in (0.0, 0.5, 1.3):
+        auto = m.autograd_score(lambda z: -m.banana_energy(z, kappa), x)
+        torch.testing.assert_close(m.banana_score(x, kappa), auto)
 
 
 def test_banana_normaliser_is_two_pi():
-    """Z = integral of exp(-E) = 2 pi (x1 ~ N(0,1), x2 | x1 ~ N(b x1^2, 1)), by quadrature."""
+    """Z = integral of exp(-E) = 2 pi (x1 ~ N(0,1), x2 | x1 ~ N(kappa x1^2, 1)), by quadrature."""
     from scipy import integrate
 
     def inner(x1):
@@ -119,6 +119,29 @@ def test_score_moments_mean_zero_and_fisher_information(gen):
     assert ((mom["second_moment"] - cov).abs() > 5 * mom["second_moment_se"]).any()
 
 
+def test_banana_fisher_information_is_minus_expected_hessian(gen):
+    """Non-Gaussian case: E[s s^T] = -E[Hessian log p] = diag(1 + 4 kappa^2, 1)."""
+    kappa = 0.7
+    x = m.banana_sample(200_000, kappa, gen)
+    mom = m.score_moments(lambda z: m.banana_score(z, kappa), x)
+    exact = torch.diag(torch.tensor([1 + 4 * kappa**2, 1.0], dtype=F64))
+    assert ((mom["second_moment"] - exact).abs() < 5 * mom["second_moment_se"]).all()
+    # -E[Hessian] by autograd on a subsample agrees with the same closed form
+    hess = torch.func.vmap(torch.func.hessian(
+        lambda z: m.banana_log_prob(z[None], kappa)[0]))(x[:20_000])
+    torch.testing.assert_close(-hess.mean(0), exact, atol=0.06, rtol=0)
+    # and E[s] = 0
+    assert (mom["mean"].abs() < 5 * mom["mean_se"]).all()
+
+
+def test_banana_sampler_matches_density(gen):
+    """Exact sampler: the histogram of x2 - kappa x1^2 is N(0, 1), of x1 is N(0, 1)."""
+    x = m.banana_sample(100_000, 0.5, gen)
+    resid = x[:, 1] - 0.5 * x[:, 0] ** 2
+    for v in (x[:, 0], resid):
+        assert abs(v.mean()) < 0.02 and abs(v.std() - 1) < 0.02
+
+
 def test_mixture_score_moments_mean_zero(gen):
     """E_p[s] = 0 holds for any smooth density, e.g. the 3-component mixture."""
     mix = m.example_mixture_2d()
@@ -133,13 +156,14 @@ def test_quick_run_writes_all_figures(tmp_path):
                      "normalised_vs_unnormalised.png", "score_magnitude.png",
                      "affine_and_tempering.png", "score_moments.png"}
     assert results["Z_numerical"] == pytest.approx(2 * math.pi, rel=1e-4)
+    assert results["banana_dev"] < 5 and results["fisher_dev"] < 5
     for key in ("1d_autograd_error", "gaussian_autograd_error", "mixture_autograd_error",
                 "banana_autograd_error", "affine_error", "tempering_error"):
         assert results[key] < 1e-10, key
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--mc-samples", "0"], "must be a positive integer"),
+    (["--mc-samples", "50"], "must be an integer >= 100"),
     (["--mc-samples", "many"], "must be an integer"),
     (["--quikc"], "unrecognized arguments"),
 ])

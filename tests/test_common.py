@@ -80,6 +80,8 @@ def test_cli_defaults_and_run(tmp_path):
         (["--no-such-flag"], "unrecognized arguments"),
         (["--rate", "0"], "positive finite number"),
         (["--frac", "1.5"], "must lie in"),
+        (["--count", "3"], "must be an integer >= 10"),
+        (["--outdir", "/proc/no/such/place"], "argument --outdir: cannot create"),
     ],
 )
 def test_cli_rejects_bad_values_with_clear_message(argv, message, capsys):
@@ -87,6 +89,7 @@ def test_cli_rejects_bad_values_with_clear_message(argv, message, capsys):
     parser.add_argument("--steps", type=cli.positive_int, default=5)
     parser.add_argument("--rate", type=cli.positive_float, default=1.0)
     parser.add_argument("--frac", type=cli.unit_interval, default=0.5)
+    parser.add_argument("--count", type=cli.int_at_least(10), default=10)
     with pytest.raises(SystemExit) as info:
         cli.start_run(parser, "99_test", argv)
     assert info.value.code == 2
