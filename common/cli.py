@@ -9,6 +9,8 @@ Every module accepts the same flags::
     --show           also open figure windows (default: save PNGs only, safe without a display)
     --data-dir DIR   data root for image data sets (default: $SBGM_DATA_DIR, else ./data)
     --deterministic  ask torch for deterministic kernels
+    --threads N      CPU threads for torch (default 1: fastest for the small tensors of 2D
+                     examples; the image modules default to all cores)
 
 A module adds its own flags to the parser from :func:`make_parser` and then calls
 :func:`start_run`, which validates, seeds, picks the device and prepares the output folder.
@@ -98,6 +100,9 @@ def make_parser(description: str) -> argparse.ArgumentParser:
         help="data root for image data sets (default: $SBGM_DATA_DIR, else ./data)",
     )
     shared.add_argument("--deterministic", action="store_true", help="deterministic kernels")
+    shared.add_argument("--threads", type=positive_int, default=1,
+                        help="CPU threads for torch (default: 1; for 2D examples more threads "
+                             "only add synchronisation overhead)")
     return parser
 
 
@@ -175,6 +180,9 @@ def start_run(parser: argparse.ArgumentParser, module_name: str, argv=None) -> R
         device = pick_device(args.device)
     except RuntimeError as err:
         parser.error(str(err))
+    # Small tensors gain nothing from several threads, and on a busy machine threads that wait
+    # for each other can make every operation tens of times slower.
+    torch.set_num_threads(args.threads)
     generator = seed_everything(args.seed, deterministic=args.deterministic)
     setup_matplotlib(show=args.show)
     outdir = Path(args.outdir) / module_name

@@ -404,3 +404,15 @@ def test_print_table_aligns_columns(capsys):
     cli.print_table("T", [("a", 1.5, "2"), ("longer name", "x", "")])
     out = capsys.readouterr().out.splitlines()
     assert out[1] == "T" and out[3].startswith("quantity") and out[6] == "longer name  x"
+
+
+def test_threads_flag_sets_torch_threads(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        argv = ["--outdir", str(tmp_path), "--threads", "2"]
+        cli.start_run(cli.make_parser("t"), "99_test", argv)
+        assert torch.get_num_threads() == 2
+        cli.start_run(cli.make_parser("t"), "99_test", ["--outdir", str(tmp_path)])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
