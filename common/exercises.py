@@ -75,7 +75,7 @@ def assert_close(actual, expected, *, what: str, hint: str = "", rtol: float = 1
     )
 
 
-def _preview(t: torch.Tensor, n: int = 4) -> str:
+def _preview(t: torch.Tensor, n: int = 8) -> str:
     flat = t.flatten()
     shown = ", ".join(f"{v:.4g}" for v in flat[:n].tolist())
     more = ", ..." if flat.numel() > n else ""
