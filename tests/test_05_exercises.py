@@ -1,0 +1,252 @@
+"""Checks for the exercises of 05_sliced_score_matching.py.
+
+Each check compares an implementation with ground truth (closed-form variances, autograd
+Jacobians, the module's exact Fisher divergence) and explains what went wrong. Statistical checks
+use tolerances derived from the sample size (standard errors). ``exercise_tests`` turns the
+checks into three tests: the reference passes, every wrong answer below fails, and your answer
+passes (or is skipped while it still raises NotImplementedError).
+"""
+
+import math
+
+import pytest
+import torch
+
+from common.exercises import Exercise, assert_close, exercise_tests
+from common.modules import load_module
+
+pytestmark = pytest.mark.ch05
+F64 = torch.float64
+m = load_module("05")
+
+# A fixed symmetric test matrix with a heavy diagonal: Gaussian, Rademacher and sphere probes all
+# have clearly different variances on it.
+S5 = torch.tensor([[4.0, 1.0, 0.0, 0.0, 0.0],
+                   [1.0, 3.0, 0.5, 0.0, 0.0],
+                   [0.0, 0.5, 2.0, 0.0, 0.0],
+                   [0.0, 0.0, 0.0, 1.0, 0.3],
+                   [0.0, 0.0, 0.0, 0.3, -1.0]], dtype=F64)
+
+
+def _variance_z(values, expected):
+    """(sample variance - expected) / its standard error sqrt((m4 - var^2) / n)."""
+    n = len(values)
+    var = values.var()
+    m4 = (values - values.mean()).pow(4).mean()
+    return ((var - expected) / ((m4 - var**2).clamp_min(1e-300) / n).sqrt()).item(), var.item()
+
+
+# -- 5.1 sphere projections ---------------------------------------------------------------------
+def check_sphere_projections(fn):
+    n, D = 40_000, 5
+    v = fn(n, D, torch.Generator().manual_seed(0))
+    v_again = fn(n, D, torch.Generator().manual_seed(0))
+    assert tuple(v.shape) == (n, D), (f"shape of the projections: expected {(n, D)}, got "
+                                      f"{tuple(v.shape)}\n  hint: one row per projection")
+    v, v_again = torch.as_tensor(v).double(), torch.as_tensor(v_again).double()
+    assert torch.equal(v, v_again), (
+        "two calls with identically seeded generators gave different projections\n"
+        "  hint: pass `generator=generator` to every random call")
+    assert_close(v.norm(dim=1), torch.full((n,), math.sqrt(D), dtype=F64),
+                 what=f"norms of the projections (expected sqrt(D) = {math.sqrt(D):.4f})",
+                 hint="normalise each row to norm 1, then multiply by sqrt(dim)", rtol=1e-6)
+    outer = v[:, :, None] * v[:, None, :]
+    se = (outer.std(0) / math.sqrt(n)).clamp_min(1e-12)  # 0 for an exact entry (e.g. +-1 draws)
+    z = ((outer.mean(0) - torch.eye(D, dtype=F64)) / se).abs().max().item()
+    assert z < 5, (f"E[v v^T] is not the identity: largest deviation {z:.1f} standard errors\n"
+                   f"  hint: the directions must be uniform (isotropic)")
+    # Hutchinson's variance with sphere probes: 2 D/(D+2) (||S||_F^2 - (tr S)^2 / D).
+    q = torch.einsum("nd,de,ne->n", v, S5, v)
+    expected = 2 * D / (D + 2) * (S5.square().sum() - torch.trace(S5) ** 2 / D)
+    z, var = _variance_z(q, expected)
+    assert abs(z) < 5, (
+        f"the projections are not uniform on the sphere: Var(v^T S v) = {var:.3f}, expected "
+        f"{expected.item():.3f} for uniform directions ({z:+.1f} standard errors)\n"
+        f"  hint: normalise standard GAUSSIAN draws; normalised cube or +-1 draws are not uniform")
+
+
+def unit_sphere(n, dim, generator):
+    z = torch.randn(n, dim, generator=generator, dtype=F64)
+    return z / z.norm(dim=1, keepdim=True)
+
+
+def normalised_cube(n, dim, generator):
+    c = 2 * torch.rand(n, dim, generator=generator, dtype=F64) - 1
+    return math.sqrt(dim) * c / c.norm(dim=1, keepdim=True)
+
+
+def rademacher_instead(n, dim, generator):
+    return (2 * torch.randint(0, 2, (n, dim), generator=generator) - 1).double()
+
+
+# -- 5.2 matrix-free Frobenius norm -------------------------------------------------------------
+A6 = torch.tensor([[2.0, 1.0, 0.0, 0.0, 0.5, 0.0],
+                   [0.0, 1.5, -1.0, 0.0, 0.0, 0.0],
+                   [0.3, 0.0, 1.0, 0.7, 0.0, 0.0],
+                   [0.0, 0.0, 0.0, -2.0, 0.0, 1.0],
+                   [0.0, 0.4, 0.0, 0.0, 1.0, 0.0],
+                   [1.0, 0.0, 0.0, 0.0, 0.0, 0.5]], dtype=F64)
+
+
+def check_frobenius_norm_estimate(fn):
+    def matvec_of(A):
+        return lambda V: V.to(A.dtype) @ A.T
+
+    # A = 3 I: every Rademacher probe gives |A v|^2 = 9 D exactly.
+    A = 3 * torch.eye(2, dtype=F64)
+    got = torch.as_tensor(fn(matvec_of(A), 2, 5, torch.Generator().manual_seed(1))).double()
+    assert_close(got, torch.tensor(18.0, dtype=F64), what="||3 I||_F^2 in D = 2 from 5 probes",
+                 hint="use Rademacher probes (entries +-1): then |A v|^2 = 18 for every v; "
+                      "return the MEAN of |A v|^2 over the probes")
+    # A non-symmetric 6 x 6 matrix: unbiased, with Rademacher variance / n_probes.
+    n_calls, n_probes = 3000, 4
+    gen = torch.Generator().manual_seed(2)
+    est = torch.stack([torch.as_tensor(fn(matvec_of(A6), 6, n_probes, gen)).double()
+                       for _ in range(n_calls)])
+    frob2 = A6.square().sum()
+    z = ((est.mean() - frob2) / (est.std() / math.sqrt(n_calls))).item()
+    assert abs(z) < 5, (
+        f"the estimate is biased: mean of {n_calls} calls {est.mean():.3f}, expected "
+        f"||A||_F^2 = {frob2:.3f} ({z:+.1f} standard errors)\n"
+        f"  hint: average |A v|^2 = sum_i (A v)_i^2 over the probes (not v^T A v)")
+    expected_var = m.hutchinson_variance(A6.T @ A6, "rademacher") / n_probes
+    z, var = _variance_z(est, expected_var)
+    assert abs(z) < 5, (
+        f"variance of the estimate {var:.3f}, expected {expected_var.item():.3f} for the mean of "
+        f"{n_probes} Rademacher probes ({z:+.1f} standard errors)\n"
+        f"  hint: draw n_probes Rademacher vectors (not Gaussian), and average, do not sum")
+
+
+def trace_instead(matvec, dim, n_probes, generator):
+    v = m.sample_projections((n_probes, dim), "rademacher", generator, dtype=F64)
+    return (v * matvec(v)).sum(1).mean()
+
+
+def norm_not_squared(matvec, dim, n_probes, generator):
+    v = m.sample_projections((n_probes, dim), "rademacher", generator, dtype=F64)
+    return matvec(v).norm(dim=1).mean()
+
+
+def gaussian_probes(matvec, dim, n_probes, generator):
+    v = m.sample_projections((n_probes, dim), "gaussian", generator, dtype=F64)
+    return matvec(v).square().sum(1).mean()
+
+
+def summed_over_probes(matvec, dim, n_probes, generator):
+    v = m.sample_projections((n_probes, dim), "rademacher", generator, dtype=F64)
+    return matvec(v).square().sum()
+
+
+# -- 5.3 forward-mode SSM -----------------------------------------------------------------------
+def _small_score_net(D, gen):
+    """s(x) = W2 tanh(W1 x + b1) + b2: a smooth score model with a non-symmetric Jacobian."""
+    W1, W2 = torch.randn(8, D, generator=gen, dtype=F64), torch.randn(D, 8, generator=gen,
+                                                                       dtype=F64)
+    b1, b2 = torch.randn(8, generator=gen, dtype=F64), torch.randn(D, generator=gen, dtype=F64)
+    return lambda x: torch.tanh(x @ W1.T + b1) @ W2.T + b2
+
+
+def check_ssm_forward_mode(fn):
+    x0, v0 = torch.tensor([[1.0, 0.0]], dtype=F64), torch.tensor([[1.0, 1.0]], dtype=F64)
+    assert_close(fn(lambda x: -x, x0, v0), torch.tensor([-1.5], dtype=F64),
+                 what="SSM integrand for s(x) = -x, x = (1, 0), v = (1, 1)",
+                 hint="v^T J v = -2 and v^T s = -1, so -2 + 0.5 * (-1)^2 = -1.5")
+    gen = torch.Generator().manual_seed(3)
+    D = 4
+    score = _small_score_net(D, gen)
+    x = torch.randn(6, D, generator=gen, dtype=F64)
+    v = torch.randn(6, D, generator=gen, dtype=F64)
+    J = torch.stack([torch.autograd.functional.jacobian(lambda z: score(z[None])[0], xi)
+                     for xi in x])  # (N, D, D), one sample at a time: independent of the module
+    s = score(x)
+    expected = torch.einsum("ni,nij,nj->n", v, J, v) + 0.5 * (v * s).sum(1).square()
+    assert_close(fn(score, x, v), expected,
+                 what="SSM integrand v^T J v + 1/2 (v^T s)^2 for a tanh network (6 points, D = 4)",
+                 hint="torch.func.jvp(score_fn, (x,), (v,)) returns (s, J v); then "
+                      "(v * Jv).sum(1) + 0.5 * (v * s).sum(1) ** 2", rtol=1e-8, atol=1e-10)
+
+
+def variance_reduced_instead(score_fn, x, v):
+    s, jv = torch.func.jvp(score_fn, (x,), (v,))
+    return (v * jv).sum(1) + 0.5 * s.square().sum(1)
+
+
+def missing_half(score_fn, x, v):
+    s, jv = torch.func.jvp(score_fn, (x,), (v,))
+    return (v * jv).sum(1) + (v * s).sum(1).square()
+
+
+def trace_term_only(score_fn, x, v):
+    _, jv = torch.func.jvp(score_fn, (x,), (v,))
+    return (v * jv).sum(1)
+
+
+# -- 5.4 DSM bias floor -------------------------------------------------------------------------
+def check_dsm_bias_floor(fn):
+    got = fn(torch.eye(1, dtype=F64), 1.0)
+    assert_close(torch.as_tensor(got, dtype=F64), torch.tensor(0.125, dtype=F64),
+                 what="floor for Sigma = I (D = 1), sigma = 1",
+                 hint="1/2 * lambda * (1/(lambda + sigma^2) - 1/lambda)^2 = 1/2 * (1/2 - 1)^2")
+    for seed, dim in ((4, 3), (5, 12)):
+        target = m.gaussian_target(dim, torch.Generator().manual_seed(seed), eig_range=(0.2, 3.0))
+        for sigma in (0.05, 0.5, 2.0):
+            W, b = m.dsm_optimal_linear_model(target, sigma)
+            expected = m.linear_fisher_divergence(W, b, target.means[0], target.covs[0])
+            assert_close(torch.as_tensor(fn(target.covs[0], sigma), dtype=F64),
+                         torch.tensor(expected, dtype=F64),
+                         what=f"DSM floor, D = {dim}, sigma = {sigma}",
+                         hint="sum over eigenvalues of 1/2 * lambda_k * d_k^2 with "
+                              "d_k = 1/(lambda_k + sigma^2) - 1/lambda_k (x - mu has variance "
+                              "lambda_k along eigenvector k)", rtol=1e-8, atol=1e-14)
+
+
+def floor_missing_half(cov, sigma):
+    lam = torch.linalg.eigvalsh(cov)
+    return (lam * (1 / (lam + sigma**2) - 1 / lam).square()).sum().item()
+
+
+def floor_unweighted(cov, sigma):
+    lam = torch.linalg.eigvalsh(cov)
+    return (0.5 * (1 / (lam + sigma**2) - 1 / lam).square()).sum().item()
+
+
+def floor_sigma_not_squared(cov, sigma):
+    lam = torch.linalg.eigvalsh(cov)
+    return (0.5 * lam * (1 / (lam + sigma) - 1 / lam).square()).sum().item()
+
+
+EXERCISES = [
+    Exercise("exercise_sphere_projections", check_sphere_projections,
+             [unit_sphere, normalised_cube, rademacher_instead]),
+    Exercise("exercise_frobenius_norm_estimate", check_frobenius_norm_estimate,
+             [trace_instead, norm_not_squared, gaussian_probes, summed_over_probes]),
+    Exercise("exercise_ssm_forward_mode", check_ssm_forward_mode,
+             [variance_reduced_instead, missing_half, trace_term_only]),
+    Exercise("exercise_dsm_bias_floor", check_dsm_bias_floor,
+             [floor_missing_half, floor_unweighted, floor_sigma_not_squared]),
+]
+
+test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_tests("05", EXERCISES)
+
+
+def test_every_exercise_in_the_module_is_checked():
+    from common.exercises import list_exercises
+
+    names = [name for name, _ in list_exercises(vars(m))]
+    assert sorted(names) == sorted(ex.name for ex in EXERCISES)
+
+
+def test_examples_in_docstrings_hold():
+    """The worked examples quoted in the stubs' docstrings, computed with the reference."""
+    from common.modules import load_solutions
+
+    sol = load_solutions("05")
+    v = sol.exercise_sphere_projections(1000, 4, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(v.norm(dim=1), torch.full((1000,), 2.0, dtype=F64))
+    est = sol.exercise_frobenius_norm_estimate(lambda V: 3 * V, 2, 3,
+                                               torch.Generator().manual_seed(0))
+    assert est.item() == pytest.approx(18.0)
+    out = sol.exercise_ssm_forward_mode(lambda x: -x, torch.tensor([[1.0, 0.0]]),
+                                        torch.tensor([[1.0, 1.0]]))
+    assert out.item() == pytest.approx(-1.5)
+    assert sol.exercise_dsm_bias_floor(torch.eye(1, dtype=F64), 1.0) == pytest.approx(0.125)
