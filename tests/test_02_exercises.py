@@ -1,9 +1,11 @@
 """Checks for the exercises of 02_score_matching_theory.py.
 
-Each check compares an implementation with ground truth (autograd, closed forms from sample
-moments, or the binomial formula for Gaussian moments) and explains what went wrong.
-``exercise_tests`` turns the checks into three tests: the reference passes, every wrong answer
-below fails, and your answer passes (or is skipped while it still raises NotImplementedError).
+Each check compares an implementation with ground truth that does not reuse the answer's own
+formula: autograd (the module's generic ISM loss, Hessians of exact log-densities), the DSM
+loss computed from its definition by double quadrature, the binomial formula for Gaussian
+moments, and exact central differences of a cubic. ``exercise_tests`` turns the checks into
+three tests: the reference passes, every wrong answer below fails, and your answer passes (or
+is skipped while it still raises NotImplementedError).
 """
 
 import math
@@ -11,6 +13,7 @@ import math
 import pytest
 import torch
 
+from common.datasets import GaussianMixture
 from common.exercises import Exercise, assert_close, exercise_tests
 from common.modules import load_module, load_solutions
 
@@ -19,39 +22,53 @@ F64 = torch.float64
 m = load_module("02")
 
 
-# -- 2.1 Gaussian ISM objective ------------------------------------------------------------------
-def check_gaussian_ism_objective(fn):
-    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=F64)
-    assert_close(fn(x, torch.zeros(2, dtype=F64), torch.eye(2, dtype=F64)),
-                 torch.tensor(-1.5, dtype=F64), what="the worked example (x = +-e_1, P = I)",
-                 hint="-tr(I) + 1/2 * mean(|x_n|^2) = -2 + 0.5", rtol=1e-10, atol=1e-12)
+def _solution(name):
+    return getattr(load_solutions("02"), name)
+
+
+# -- 2.1 ISM objective of the cubic score model ---------------------------------------------------
+def check_cubic_ism_objective(fn):
+    got = fn(torch.tensor([[0.0], [2.0]], dtype=F64), 1.0, torch.tensor([1.0], dtype=F64))
+    assert_close(got, torch.tensor(-2.5, dtype=F64),
+                 what="the worked example x = [[0], [2]], a = 1, b = [1]",
+                 hint="at both points x - b = +-1: d s / d x = ?, and 1/2 s^2 = 1/2",
+                 rtol=1e-10, atol=1e-12)
     gen = torch.Generator().manual_seed(0)
-    for D in (1, 3):
-        x = torch.randn(50, D, generator=gen, dtype=F64) + 1.0
-        mu = torch.randn(D, generator=gen, dtype=F64)
-        B = torch.randn(D, D, generator=gen, dtype=F64)
-        P = B @ B.T + 0.5 * torch.eye(D, dtype=F64)
-        # Ground truth: the generic ISM loss with the Jacobian trace taken by autograd.
-        expected = m.ism_loss(lambda z: -(z - mu) @ P, x, create_graph=False)
-        assert_close(fn(x, mu, P), expected, what=f"J_ISM of s = -P(x - mu) in D = {D}",
-                     hint="tr(grad s) = -tr P for every sample; the squared-norm term is "
-                          "1/2 * mean over samples of |P (x_n - mu)|^2",
+    for D, a in ((1, 0.7), (2, 1.3), (4, 0.4)):
+        x = 1.2 * torch.randn(60, D, generator=gen, dtype=F64) + 0.5
+        b = torch.randn(D, generator=gen, dtype=F64)
+
+        def score(z, a=a, b=b):
+            return -a * (z - b) ** 3
+
+        # Ground truth: the generic ISM loss, with the Jacobian trace taken by autograd.
+        expected = m.ism_loss(score, x, create_graph=False)
+        assert_close(fn(x, a, b), expected, what=f"J_ISM of s = -a (x - b)^3 in D = {D}, a = {a}",
+                     hint="d s_i / d x_i = -3 a (x_i - b_i)^2 (the power rule), summed over i; "
+                          "|s|^2 sums the squares of the D entries; then average over samples",
                      rtol=1e-10, atol=1e-12)
 
 
-def ism_trace_sign_flipped(x, mu, P):
-    return torch.trace(P) + 0.5 * ((x - mu) @ P).square().sum(1).mean()
+def cubic_trace_sign_flipped(x, a, b):
+    u = x - b
+    return (3 * a * u.square().sum(1) + 0.5 * a**2 * (u**3).square().sum(1)).mean()
 
 
-def ism_missing_half(x, mu, P):
-    return -torch.trace(P) + ((x - mu) @ P).square().sum(1).mean()
+def cubic_trace_missing_factor_3(x, a, b):
+    u = x - b
+    return (-a * u.square().sum(1) + 0.5 * a**2 * (u**3).square().sum(1)).mean()
+
+
+def cubic_square_of_the_sum(x, a, b):
+    u = x - b  # |s|^2 taken as (sum_i s_i)^2: right in D = 1 only
+    return (-3 * a * u.square().sum(1) + 0.5 * a**2 * (u**3).sum(1).square()).mean()
 
 
 # -- 2.2 polynomial energy -----------------------------------------------------------------------
 def check_fit_polynomial_energy(fn):
     x = torch.tensor([-1.0, 1.0], dtype=F64)
     assert_close(fn(x, (2,)), torch.tensor([0.5], dtype=F64), what="the worked example",
-                 hint="theta = 1 / (2 mean(x^2))", rtol=1e-10, atol=1e-12)
+                 hint="theta = 1 / (2 avg_n x_n^2)", rtol=1e-10, atol=1e-12)
     gen = torch.Generator().manual_seed(1)
     # Gaussian data, E = theta_1 x^2 + theta_2 x: the ISM solution is exactly
     # theta_1 = 1 / (2 S), theta_2 = -x_bar / S with S the biased sample variance.
@@ -70,37 +87,83 @@ def check_fit_polynomial_energy(fn):
 
 
 def fit_sign_flipped(x, powers):
-    return -load_solutions("02").exercise_fit_polynomial_energy(x, powers)
+    return -_solution("exercise_fit_polynomial_energy")(x, powers)
 
 
-def fit_missing_p_minus_one(x, powers):
-    dpsi = torch.stack([p * x ** (p - 1) for p in powers], dim=1)
-    d2psi = torch.stack([p * x ** (p - 2) for p in powers], dim=1)  # forgot the (p - 1)
+def fit_missing_n_minus_one(x, powers):
+    dpsi = torch.stack([n * x ** (n - 1) for n in powers], dim=1)
+    d2psi = torch.stack([n * x ** (n - 2) for n in powers], dim=1)  # forgot the (n - 1)
     return torch.linalg.solve(dpsi.T @ dpsi / len(x), d2psi.mean(0))
 
 
-# -- 2.3 DSM constant ----------------------------------------------------------------------------
+# -- 2.3 DSM constant for N(m, Sigma) -----------------------------------------------------------
+def _as_number(got, what):
+    if isinstance(got, (float, int)) or (torch.is_tensor(got) and got.numel() == 1):
+        return float(got)
+    raise AssertionError(f"{what}: expected a number, got {type(got).__name__}")
+
+
+def _c_sigma_by_quadrature(s0, sigma):
+    """1D data N(0.3, s0^2): C_sigma = J_DSM of the perfect model grad log p_sigma (where
+    J_ESM,sigma = 0), with J_DSM computed from its definition by double quadrature."""
+    p = GaussianMixture([1.0], [[0.3]], [[[s0**2]]])
+    x, _ = m.grid_1d(p, sigma, 1201)
+    return m.dsm_loss_on_grid(p.perturbed(sigma).score, x, m.dsm_grid_moments(p, x, sigma)).item()
+
+
+def _c_sigma_by_hessian(mean, cov, sigma):
+    """C_sigma = D/(2 sigma^2) - 1/2 E|grad log p_sigma|^2 = D/(2 sigma^2) + 1/2 E tr H, with H
+    the Hessian of log p_sigma (module 01, Section 2.8). p_sigma is common.datasets' exactly
+    perturbed Gaussian, whose Hessian (by autograd) is the same at every point."""
+    p_sigma = GaussianMixture([1.0], [mean.tolist()], [cov.tolist()]).perturbed(sigma)
+    H = torch.autograd.functional.hessian(lambda v: p_sigma.log_prob(v[None])[0],
+                                          mean.to(F64) + 0.1)
+    return len(mean) / (2 * sigma**2) + 0.5 * torch.trace(H).item()
+
+
 def check_dsm_constant_gaussian(fn):
-    for sigma, s0, D in ((1.0, 1.0, 1), (0.1, 1.0, 2), (0.5, 2.0, 784), (3.0, 0.2, 3)):
-        expected = D / (2 * sigma**2) - D / (2 * (s0**2 + sigma**2))
-        got = fn(sigma, s0, D)
-        if not isinstance(got, (float, int)) and not (torch.is_tensor(got) and got.numel() == 1):
-            raise AssertionError(f"expected a number, got {type(got).__name__}")
-        assert_close(float(got), expected, what=f"C_sigma for sigma={sigma}, s0={s0}, D={D}",
-                     hint="p_sigma = N(m, (s0^2 + sigma^2) I) and E|grad log N(m, v I)|^2 = D/v",
-                     rtol=1e-10, atol=1e-12)
+    got = _as_number(fn(1.0, torch.tensor([[1.0]], dtype=F64)), "the worked example")
+    assert_close(got, 0.25, what="the worked example D = 1, Sigma = [[1]], sigma = 1",
+                 hint="what is the law of x + sigma z?", rtol=1e-10, atol=1e-12)
+    for s0, sigma in ((0.9, 0.5), (0.5, 2.0)):
+        got = _as_number(fn(sigma, torch.tensor([[s0**2]], dtype=F64)), "1D case")
+        assert_close(got, _c_sigma_by_quadrature(s0, sigma),
+                     what=f"C_sigma for 1D data N(m, {s0}^2), sigma = {sigma} (ground truth: "
+                          "the DSM loss of the perfect model, by double quadrature)",
+                     hint="p_sigma is Gaussian too; what is its variance?", rtol=1e-8, atol=1e-10)
+    gen = torch.Generator().manual_seed(5)
+    B = torch.randn(4, 4, generator=gen, dtype=F64)
+    cases = [(0.3, torch.tensor([[1.0, 0.9], [0.9, 1.0]], dtype=F64)),  # strongly correlated
+             (1.0, torch.tensor([[4.0, -0.3, 0.0], [-0.3, 0.2, 0.05], [0.0, 0.05, 1.0]],
+                                dtype=F64)),  # very anisotropic
+             (0.1, B @ B.T + 0.1 * torch.eye(4, dtype=F64))]
+    for sigma, cov in cases:
+        D = len(cov)
+        mean = torch.linspace(-1, 1, D, dtype=F64)
+        got = _as_number(fn(sigma, cov), f"D = {D}")
+        assert_close(got, _c_sigma_by_hessian(mean, cov, sigma),
+                     what=f"C_sigma for N(m, Sigma) in D = {D}, sigma = {sigma}",
+                     hint="p_sigma = N(m, ?); E|grad log N(m, V)|^2 = tr(V^{-1}), which needs "
+                          "the whole matrix, not just its diagonal", rtol=1e-8, atol=1e-10)
 
 
-def dsm_constant_missing_dim(sigma, s0, dim):
-    return 1 / (2 * sigma**2) - 1 / (2 * (s0**2 + sigma**2))
+def dsm_constant_forgot_noise_in_p_sigma(sigma, cov):
+    return len(cov) / (2 * sigma**2) - 0.5 * torch.trace(torch.linalg.inv(cov)).item()
 
 
-def dsm_constant_wrong_sign(sigma, s0, dim):
-    return dim / (2 * sigma**2) + dim / (2 * (s0**2 + sigma**2))
+def dsm_constant_diagonal_only(sigma, cov):
+    return len(cov) / (2 * sigma**2) - 0.5 * (1 / (cov.diagonal() + sigma**2)).sum().item()
 
 
-def dsm_constant_kernel_term_only(sigma, s0, dim):
-    return dim / (2 * sigma**2)
+def dsm_constant_isotropic_average(sigma, cov):
+    D = len(cov)
+    v = torch.trace(cov).item() / D  # replaces Sigma by (tr Sigma / D) I
+    return D / (2 * sigma**2) - D / (2 * (v + sigma**2))
+
+
+def dsm_constant_wrong_sign(sigma, cov):
+    cov_sigma = cov + sigma**2 * torch.eye(len(cov), dtype=cov.dtype)
+    return len(cov) / (2 * sigma**2) + 0.5 * torch.trace(torch.linalg.inv(cov_sigma)).item()
 
 
 # -- 2.4 Gaussian moments by Stein ---------------------------------------------------------------
@@ -108,9 +171,9 @@ def _double_factorial(n):
     return math.prod(range(n, 0, -2)) if n > 0 else 1
 
 
-def _gaussian_moments(k, mu, s):
-    """E[x^j] = sum over even i of C(j, i) mu^(j-i) s^i (i - 1)!!  (binomial expansion)."""
-    return torch.tensor([sum(math.comb(j, i) * mu ** (j - i) * s**i * _double_factorial(i - 1)
+def _gaussian_moments(k, mu, std):
+    """E[x^j] = sum over even i of C(j, i) mu^(j-i) std^i (i - 1)!!  (binomial expansion)."""
+    return torch.tensor([sum(math.comb(j, i) * mu ** (j - i) * std**i * _double_factorial(i - 1)
                              for i in range(0, j + 1, 2)) for j in range(k + 1)], dtype=F64)
 
 
@@ -118,24 +181,33 @@ def check_gaussian_moments_by_stein(fn):
     assert_close(fn(4, 0.0, 1.0), torch.tensor([1.0, 0, 1, 0, 3], dtype=F64),
                  what="the worked example N(0, 1), k = 4", hint="E[x^4] = 3 for N(0, 1)",
                  rtol=1e-12, atol=1e-12)
-    for k, mu, s in ((6, 0.0, 1.0), (5, 1.5, 0.7), (8, -0.4, 2.0), (0, 3.0, 1.0)):
-        assert_close(torch.as_tensor(fn(k, mu, s), dtype=F64), _gaussian_moments(k, mu, s),
-                     what=f"moments E[x^0..x^{k}] of N({mu}, {s}^2)",
-                     hint="E[x^j] = mu E[x^(j-1)] + s^2 (j-1) E[x^(j-2)]",
+    for k, mu, std in ((6, 0.0, 1.0), (5, 1.5, 0.7), (8, -0.4, 2.0), (0, 3.0, 1.0)):
+        assert_close(torch.as_tensor(fn(k, mu, std), dtype=F64), _gaussian_moments(k, mu, std),
+                     what=f"raw moments E[x^0..x^{k}] of N({mu}, {std}^2)",
+                     hint="Stein for N(mu, std^2): E[(x - mu) f(x)] = std^2 E[f'(x)]; take "
+                          "f = x^(j-1) and split x^j = (x - mu) x^(j-1) + mu x^(j-1)",
                      rtol=1e-10, atol=1e-10)
 
 
-def moments_missing_j_minus_one(k, mu, s):
+def moments_missing_j_minus_one(k, mu, std):
     out = [1.0]
     for j in range(1, k + 1):
-        out.append(mu * out[j - 1] + s**2 * (out[j - 2] if j >= 2 else 0.0))
+        out.append(mu * out[j - 1] + std**2 * (out[j - 2] if j >= 2 else 0.0))
     return torch.tensor(out, dtype=F64)
 
 
-def moments_s_instead_of_s_squared(k, mu, s):
+def moments_std_instead_of_variance(k, mu, std):
     out = [1.0]
     for j in range(1, k + 1):
-        out.append(mu * out[j - 1] + s * (j - 1) * (out[j - 2] if j >= 2 else 0.0))
+        out.append(mu * out[j - 1] + std * (j - 1) * (out[j - 2] if j >= 2 else 0.0))
+    return torch.tensor(out, dtype=F64)
+
+
+def moments_central_instead_of_raw(k, mu, std):
+    # E[(x - mu)^j] = std^2 (j - 1) E[(x - mu)^(j-2)]: right only when mu = 0.
+    out = [1.0]
+    for j in range(1, k + 1):
+        out.append(std**2 * (j - 1) * (out[j - 2] if j >= 2 else 0.0))
     return torch.tensor(out, dtype=F64)
 
 
@@ -145,18 +217,30 @@ def check_divergence_finite_differences(fn):
     assert_close(fn(lambda z: -z, x), torch.full((5,), -3.0, dtype=F64),
                  what="the worked example s(x) = -x in D = 3", rtol=1e-6, atol=1e-6,
                  hint="the divergence of -x is -D")
+
+    # A strongly nonlinear score, s(x) = -x^3 entrywise: div s = -3 |x|^2. Its central
+    # difference is exact up to -h^2 per coordinate, [-(x+h)^3 + (x-h)^3] / (2h) = -3x^2 - h^2,
+    # while a forward difference is off by about 3 |x| h.
+    x = 2 * torch.randn(20, 3, generator=torch.Generator().manual_seed(3), dtype=F64)
+    D = x.shape[1]
+    hint = ("central difference [s_i(x + h e_i) - s_i(x - h e_i)] / (2h), summed over i, keeping "
+            "component i only, with the h you are given")
+    for h in (1e-4, 1e-2):
+        assert_close(fn(lambda z: -z**3, x, h=h), -3 * x.square().sum(1) - D * h**2,
+                     what=f"divergence of s(x) = -x^3 with h = {h} (exact central difference: "
+                          "-3 |x|^2 - D h^2)", hint=hint, rtol=1e-9, atol=1e-8)
+
     torch.manual_seed(3)
     net = m.mlp_score_net(4, hidden=16).double()
     x = torch.randn(20, 4, generator=torch.Generator().manual_seed(4), dtype=F64)
     with torch.no_grad():
         got = fn(net, x)
     assert_close(got, m.jacobian_trace(net, x), what="divergence of an MLP score at 20 points",
-                 hint="central difference [s_i(x + h e_i) - s_i(x - h e_i)] / (2h), summed "
-                      "over i, keeping component i only", rtol=1e-5, atol=1e-6)
+                 hint=hint, rtol=1e-5, atol=1e-6)
 
 
 def fd_divided_by_h(score_fn, x, h=1e-4):
-    return 2 * load_solutions("02").exercise_divergence_finite_differences(score_fn, x, h)
+    return 2 * _solution("exercise_divergence_finite_differences")(score_fn, x, h)
 
 
 def fd_all_components(score_fn, x, h=1e-4):
@@ -168,15 +252,31 @@ def fd_all_components(score_fn, x, h=1e-4):
     return div
 
 
+def fd_forward_differences(score_fn, x, h=1e-4):
+    div = torch.zeros(len(x), dtype=x.dtype)
+    s = score_fn(x)
+    for i in range(x.shape[1]):
+        step = torch.zeros_like(x)
+        step[:, i] = h
+        div = div + (score_fn(x + step)[:, i] - s[:, i]) / h  # O(h) error
+    return div
+
+
+def fd_ignores_h(score_fn, x, h=1e-4):
+    return _solution("exercise_divergence_finite_differences")(score_fn, x, 1e-4)
+
+
 test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_tests("02", [
-    Exercise("exercise_gaussian_ism_objective", check_gaussian_ism_objective,
-             [ism_trace_sign_flipped, ism_missing_half]),
+    Exercise("exercise_cubic_ism_objective", check_cubic_ism_objective,
+             [cubic_trace_sign_flipped, cubic_trace_missing_factor_3, cubic_square_of_the_sum]),
     Exercise("exercise_fit_polynomial_energy", check_fit_polynomial_energy,
-             [fit_sign_flipped, fit_missing_p_minus_one]),
+             [fit_sign_flipped, fit_missing_n_minus_one]),
     Exercise("exercise_dsm_constant_gaussian", check_dsm_constant_gaussian,
-             [dsm_constant_missing_dim, dsm_constant_wrong_sign, dsm_constant_kernel_term_only]),
+             [dsm_constant_forgot_noise_in_p_sigma, dsm_constant_diagonal_only,
+              dsm_constant_isotropic_average, dsm_constant_wrong_sign]),
     Exercise("exercise_gaussian_moments_by_stein", check_gaussian_moments_by_stein,
-             [moments_missing_j_minus_one, moments_s_instead_of_s_squared]),
+             [moments_missing_j_minus_one, moments_std_instead_of_variance,
+              moments_central_instead_of_raw]),
     Exercise("exercise_divergence_finite_differences", check_divergence_finite_differences,
-             [fd_divided_by_h, fd_all_components]),
+             [fd_divided_by_h, fd_all_components, fd_forward_differences, fd_ignores_h]),
 ])
