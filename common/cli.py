@@ -184,7 +184,7 @@ def start_run(parser: argparse.ArgumentParser, module_name: str, argv=None) -> R
     # for each other can make every operation tens of times slower.
     torch.set_num_threads(args.threads)
     generator = seed_everything(args.seed, deterministic=args.deterministic)
-    setup_matplotlib(show=args.show)
+    setup_matplotlib(show=args.show, draft=args.quick)
     outdir = Path(args.outdir) / module_name
     try:
         outdir.mkdir(parents=True, exist_ok=True)

@@ -19,19 +19,25 @@ LogProbFn = Callable[[Tensor], Tensor]  # (N, 2) -> (N,)
 ScoreFn = Callable[[Tensor], Tensor]  # (N, 2) -> (N, 2)
 
 
-def setup_matplotlib(show: bool = False) -> None:
-    """Use the non-interactive Agg backend unless figures are to be shown; set readable defaults."""
+def setup_matplotlib(show: bool = False, draft: bool = False) -> None:
+    """Use the non-interactive Agg backend unless figures are to be shown; set readable defaults.
+
+    ``draft`` (used by --quick) saves at a lower resolution without the layout engine:
+    rendering large multi-panel figures is a good part of a smoke run's time.
+    """
     if not show:
         matplotlib.use("Agg", force=True)
     matplotlib.rcParams.update(
         {
             "figure.dpi": 100,
-            "savefig.dpi": 120,
+            "savefig.dpi": 60 if draft else 120,
             "font.size": 10,
             "axes.titlesize": 11,
             "axes.labelsize": 10,
             "legend.fontsize": 9,
-            "figure.constrained_layout.use": True,
+            # Constrained layout keeps labels from overlapping, at a price in rendering time
+            # that a --quick smoke run does not need to pay.
+            "figure.constrained_layout.use": not draft,
         }
     )
 
@@ -114,10 +120,11 @@ def plot_density_with_score(ax, log_prob: LogProbFn, score: ScoreFn, xlim=(-4, 4
 def plot_samples_over_density(ax, samples: Tensor, log_prob: LogProbFn | None = None,
                               xlim=(-4, 4), ylim=(-4, 4), title: str | None = None,
                               color: str = "tab:red", size: float = 2.0, alpha: float = 0.5,
-                              label: str | None = "samples", dtype=torch.float64):
+                              label: str | None = "samples", dtype=torch.float64,
+                              n_grid: int = 200):
     """Scatter ``samples`` (N, 2) over the contours of ``log_prob`` (if given)."""
     if log_prob is not None:
-        plot_density(ax, log_prob, xlim, ylim, dtype=dtype)
+        plot_density(ax, log_prob, xlim, ylim, n_grid=n_grid, dtype=dtype)
     pts = samples.detach().cpu().double().numpy()
     ax.scatter(pts[:, 0], pts[:, 1], s=size, c=color, alpha=alpha, label=label, linewidths=0)
     ax.set_xlim(*xlim)
