@@ -1,0 +1,318 @@
+"""Tests of module 08's SDE building blocks: every stated equation checked numerically."""
+
+import math
+
+import pytest
+import torch
+from scipy import integrate
+
+from common.datasets import GaussianMixture
+from common.metrics import sliced_wasserstein
+from common.modules import load_module
+
+pytestmark = pytest.mark.ch08
+m = load_module("08")
+F64 = torch.float64
+SDES = {"ve": m.VESDE(), "vp": m.VPSDE(), "subvp": m.SubVPSDE()}
+
+
+# -- forward SDEs and their closed forms --------------------------------------------------------
+@pytest.mark.parametrize("name", list(SDES))
+def test_forward_simulation_matches_closed_form_marginals(name, gen):
+    """Euler-Maruyama paths from x_0 = 1.5: mean alpha_t x_0 and std sigma_t at t = .25, .5, 1."""
+    sde, n, steps = SDES[name], 20_000, 1000
+    x = torch.full((n, 1), 1.5, dtype=F64)
+    dt = 1 / steps
+    checks = {250: None, 500: None, 1000: None}
+    for i in range(steps):
+        t = torch.full((n,), i * dt, dtype=F64)
+        z = torch.randn(x.shape, generator=gen, dtype=F64)
+        x = x + sde.drift(x, t) * dt + sde.diffusion(t)[:, None] * math.sqrt(dt) * z
+        if i + 1 in checks:
+            tt = torch.tensor([(i + 1) * dt], dtype=F64)
+            mean, std = 1.5 * sde.mean_coeff(tt).item(), sde.std(tt).item()
+            se = std / math.sqrt(n)
+            assert abs(x.mean().item() - mean) < 5 * se + 0.01 * abs(mean), (i, x.mean(), mean)
+            # std's standard error is std / sqrt(2n) (< 0.5%); allow 3% for the O(dt) EM bias
+            assert x.std().item() == pytest.approx(std, rel=0.03), (i, x.std(), std)
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_closed_forms_solve_the_moment_odes(name):
+    """d alpha/dt = -1/2 beta alpha (or 0) and d var/dt = -beta var + g^2, by finite differences."""
+    sde = SDES[name]
+    t = torch.linspace(0.05, 0.95, 19, dtype=F64)
+    h = 1e-6
+    alpha, var = sde.mean_coeff, lambda s: sde.std(s) ** 2
+    dalpha = (alpha(t + h) - alpha(t - h)) / (2 * h)
+    dvar = (var(t + h) - var(t - h)) / (2 * h)
+    x = torch.ones(len(t), 1, dtype=F64)
+    rate = sde.drift(x, t)[:, 0]  # f(x, t) at x = 1 is the linear drift coefficient
+    torch.testing.assert_close(dalpha, rate * alpha(t), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(dvar, 2 * rate * var(t) + sde.diffusion(t) ** 2, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_marginal_closed_forms_at_known_points():
+    ve, vp, sub = SDES["ve"], SDES["vp"], SDES["subvp"]
+    t0, t1 = torch.tensor([0.0], dtype=F64), torch.tensor([1.0], dtype=F64)
+    assert ve.std(t0).item() == 0 and ve.std(t1).item() == pytest.approx(math.sqrt(100 - 1e-4))
+    assert vp.mean_coeff(t1).item() == pytest.approx(math.exp(-10.05 / 2))
+    assert vp.std(t1).item() == pytest.approx(math.sqrt(1 - math.exp(-10.05)))
+    assert sub.std(t1).item() == pytest.approx(1 - math.exp(-10.05))
+    t = torch.linspace(0.01, 1, 50, dtype=F64)
+    assert (sub.std(t) < vp.std(t)).all()  # sub-VP's variance is below VP's
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_discretize_is_the_exact_transition(name):
+    """Composing the one-step kernels x <- a x + G z over a grid gives alpha_T and sigma_T^2."""
+    sde = SDES[name]
+    ts = torch.linspace(0, 1, 41, dtype=F64)
+    mean, var = 1.0, 0.0
+    x = torch.ones(1, 1, dtype=F64)
+    for i in range(1, len(ts)):
+        f, G = sde.discretize(x, ts[i], (ts[i] - ts[i - 1]).item())
+        a = 1 + f[0, 0].item()  # f_i = (a - 1) x at x = 1
+        mean, var = a * mean, a * a * var + G.item() ** 2
+    assert mean == pytest.approx(sde.mean_coeff(ts[-1:]).item(), rel=1e-10)
+    assert var == pytest.approx(sde.std(ts[-1:]).item() ** 2, rel=1e-10)
+
+
+def test_vp_step_is_ddpm():
+    """For VP the exact step is x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z: a^2 + G^2 = 1."""
+    sde = SDES["vp"]
+    x = torch.ones(5, 1, dtype=F64)
+    for t in (0.1, 0.5, 1.0):
+        f, G = sde.discretize(x, t, 1e-3)
+        a = 1 + f[0, 0]
+        assert (a**2 + G[0] ** 2).item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_ddpm_alpha_bar_converges_to_vp_alpha_squared():
+    sde = SDES["vp"]
+    errors = []
+    for n in (10, 100, 1000):
+        abar = m.ddpm_alpha_bar(sde, n)
+        t = torch.arange(1, n + 1, dtype=F64) / n
+        errors.append((abar - sde.mean_coeff(t) ** 2).abs().max().item())
+    assert errors[2] < 0.005 and errors[2] < errors[1] / 5 < errors[0] / 25
+
+
+def test_eps_prediction_is_a_scaled_score(gen):
+    """For x_t = alpha x_0 + sigma eps, grad log p_t(x_t | x_0) = -eps / sigma."""
+    sde = SDES["vp"]
+    x0 = torch.randn(10, 2, generator=gen, dtype=F64)
+    t = torch.full((10,), 0.4, dtype=F64)
+    x_t, eps = sde.perturb(x0, t, gen)
+    mean, std = sde.marginal(x0, t)
+    kernel_score = -(x_t - mean) / std[:, None] ** 2
+    torch.testing.assert_close(m.eps_to_score(eps, std), kernel_score)
+
+
+def test_prior_log_prob_is_gaussian(gen):
+    z = 3 * torch.randn(7, 2, generator=gen, dtype=F64)
+    for sde in SDES.values():
+        ref = torch.distributions.Normal(0.0, sde.prior_std).log_prob(z).sum(1)
+        torch.testing.assert_close(sde.prior_log_prob(z), ref)
+
+
+# -- the exact score of mixture data ------------------------------------------------------------
+def test_exact_score_of_marginal_matches_simulated_perturbation(gen):
+    """p_t is the mixture perturbed with (sigma_t, alpha_t): compare moments with simulation."""
+    data = GaussianMixture.eight_gaussians()
+    sde = SDES["vp"]
+    t = 0.3
+    x_t, _ = sde.perturb(data.sample(100_000, gen, F64), t, gen)
+    tt = torch.tensor([t])
+    marg = data.perturbed(sde.std(tt).item(), sde.mean_coeff(tt).item())
+    torch.testing.assert_close(torch.cov(x_t.T), marg.covariance(), atol=0.02, rtol=0.02)
+
+
+def test_exact_score_fn_rejects_mixed_times():
+    f = m.exact_score_fn(GaussianMixture.eight_gaussians(), SDES["vp"])
+    with pytest.raises(ValueError, match="shared time"):
+        f(torch.zeros(2, 2, dtype=F64), torch.tensor([0.1, 0.2], dtype=F64))
+
+
+# -- samplers with the exact score reproduce the data -------------------------------------------
+@pytest.fixture(scope="module")
+def mixture():
+    return GaussianMixture.eight_gaussians()
+
+
+def _floor(data, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return sliced_wasserstein(data.sample(n, g, F64), data.sample(n, g, F64), 256, g)
+
+
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("sampler", ["euler_maruyama", "pc", "ode"])
+def test_reverse_sde_and_ode_with_exact_score_reproduce_the_data(name, sampler, mixture):
+    sde, n = SDES[name], 1000
+    g = torch.Generator().manual_seed(5)
+    score = m.exact_score_fn(mixture, sde)
+    if sampler == "ode":
+        x, nfe, _ = m.ode_sample(sde, score, sde.prior_sample((n, 2), g, F64))
+        assert 20 < nfe < 1000
+    else:
+        pred, corr = ("euler_maruyama", 0) if sampler == "euler_maruyama" else \
+            ("reverse_diffusion", 1)
+        *_, x = m.pc_sample(sde, score, (n, 2), 400, pred, corr, generator=g, dtype=F64)
+    reference = mixture.sample(n, g, F64)
+    distance = sliced_wasserstein(x, reference, 256, g)
+    floor = _floor(mixture, n)
+    assert distance < 1.6 * floor, (distance, floor)
+
+
+def test_sampler_check_can_fail(mixture):
+    """The same check rejects a reverse SDE that uses the ODE's half score term."""
+    sde, n = SDES["vp"], 1000
+    g = torch.Generator().manual_seed(5)
+    score = m.exact_score_fn(mixture, sde)
+    *_, x = m.pc_sample(sde, lambda x, t: 0.5 * score(x, t), (n, 2), 400, "euler_maruyama", 0,
+                        generator=g, dtype=F64)
+    distance = sliced_wasserstein(x, mixture.sample(n, g, F64), 256, g)
+    assert distance > 1.6 * _floor(mixture, n)
+
+
+def test_pc_sampler_yields_every_step_and_validates(mixture):
+    sde = SDES["ve"]
+    states = list(m.pc_sample(sde, m.exact_score_fn(mixture, sde), (5, 2), 7, dtype=F64))
+    assert len(states) == 7 and states[-1].shape == (5, 2)
+    with pytest.raises(ValueError, match="unknown predictor"):
+        next(m.pc_sample(sde, None, (5, 2), 7, predictor="heun"))
+    with pytest.raises(ValueError, match="n_steps must be positive"):
+        next(m.pc_sample(sde, None, (5, 2), 0))
+    with pytest.raises(ValueError, match="eps must lie"):
+        m.time_grid(sde, 10, 1.5)
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        m.VESDE(sigma_min=5.0, sigma_max=1.0)
+    with pytest.raises(ValueError, match="unknown SDE 'ddpm'"):
+        m.make_sde("ddpm")
+
+
+def test_corrector_reaches_the_target_snr(gen):
+    sde = SDES["ve"]
+    x = torch.randn(200, 2, generator=gen, dtype=F64)
+    score = lambda y, t: -3 * y
+    new, mean = m.langevin_corrector_step(sde, score, x, 0.5, 0.01, 0.16, gen)
+    step = mean - x  # eps * s
+    noise = new - mean  # sqrt(2 eps) z
+    ratio = step.norm(dim=1).mean() / noise.norm(dim=1).mean()
+    assert ratio.item() == pytest.approx(0.16, rel=1e-9)  # alpha = 1 for VE
+
+
+# -- likelihoods --------------------------------------------------------------------------------
+def test_divergences(gen):
+    W = torch.randn(3, 3, generator=gen, dtype=F64)
+    fn = lambda x: torch.sin(x @ W.T)
+    x = torch.randn(20, 3, generator=gen, dtype=F64)
+    J = torch.func.vmap(torch.func.jacrev(lambda z: fn(z[None])[0]))(x)
+    torch.testing.assert_close(m.divergence_exact(fn, x), J.diagonal(dim1=1, dim2=2).sum(1))
+    v = torch.randn(20, 3, generator=gen, dtype=F64)
+    torch.testing.assert_close(m.divergence_hutchinson(fn, x, v),
+                               torch.einsum("ni,nij,nj->n", v, J, v))
+
+
+@pytest.fixture(scope="module")
+def gaussian_case():
+    gauss = GaussianMixture([1.0], [[0.5, -0.3]], [[[1.0, 0.6], [0.6, 0.8]]])
+    g = torch.Generator().manual_seed(3)
+    x = 1.5 * gauss.sample(6, g, F64)
+    return gauss, x
+
+
+def test_ode_log_likelihood_of_a_gaussian_within_one_percent(gaussian_case):
+    gauss, x = gaussian_case
+    sde = SDES["vp"]
+    logp, nfe = m.ode_log_likelihood(sde, m.exact_score_fn(gauss, sde), x, divergence="exact")
+    truth = gauss.log_prob(x)
+    assert ((logp - truth).abs() / truth.abs()).max() < 0.01, (logp, truth)
+    assert nfe > 10
+
+
+def test_hutchinson_log_likelihood_unbiased(gaussian_case):
+    gauss, x = gaussian_case
+    sde, reps = SDES["vp"], 64
+    g = torch.Generator().manual_seed(4)
+    logp, _ = m.ode_log_likelihood(sde, m.exact_score_fn(gauss, sde), x.repeat(reps, 1),
+                                   divergence="hutchinson", generator=g)
+    logp = logp.reshape(reps, len(x))
+    se = logp.std(0) / math.sqrt(reps)
+    assert (logp.std(0) > 0).all()  # genuinely random
+    assert ((logp.mean(0) - gauss.log_prob(x)).abs() < 5 * se + 0.01).all()
+
+
+def test_likelihood_rejects_unknown_divergence(gaussian_case):
+    gauss, x = gaussian_case
+    with pytest.raises(ValueError, match="divergence must be"):
+        m.ode_log_likelihood(SDES["vp"], m.exact_score_fn(gauss, SDES["vp"]), x, divergence="x")
+
+
+# -- continuous-time DSM ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["ve", "vp"])
+def test_dsm_loss_at_the_exact_score_matches_its_closed_form(name):
+    """Data N(0, c^2 I) in D dims: with the exact score, E|sigma_t s + z|^2 at time t equals
+    D alpha_t^2 c^2 / (alpha_t^2 c^2 + sigma_t^2); dsm_loss averages it over t ~ U(eps, T)."""
+    sde, D, c, eps = SDES[name], 2, 0.7, 1e-5
+    data = GaussianMixture.isotropic([1.0], [[0.0] * D], c)
+
+    def per_t(t):
+        tt = torch.tensor([t], dtype=F64)
+        a2, s2 = sde.mean_coeff(tt).item() ** 2, sde.std(tt).item() ** 2
+        return D * a2 * c * c / (a2 * c * c + s2)
+
+    expected = integrate.quad(per_t, eps, 1, limit=200)[0] / (1 - eps)
+    g = torch.Generator().manual_seed(0)
+    # p_t = N(0, (alpha_t^2 c^2 + sigma_t^2) I), so its score is -x / (alpha_t^2 c^2 + sigma_t^2)
+    def net(x, t):
+        return -x / (sde.mean_coeff(t)[:, None] ** 2 * c * c + sde.std(t)[:, None] ** 2)
+
+    values = torch.stack([m.dsm_loss(net, sde, data.sample(1000, g, F64), eps, g)
+                          for _ in range(4)])
+    # each batch loss is a mean of 1000 terms of spread ~ D; 4 batches: SE ~ 0.03
+    assert values.mean().item() == pytest.approx(expected, abs=0.1), (values, expected)
+    # the check can fail: a network that outputs 0 scores E|z|^2 = D
+    wrong = m.dsm_loss(lambda x, t: torch.zeros_like(x), sde, data.sample(4000, g, F64), eps, g)
+    assert wrong.item() == pytest.approx(D, rel=0.05) and wrong.item() > expected + 0.3
+
+
+# -- the module as a program --------------------------------------------------------------------
+def test_quick_run_writes_all_figures(tmp_path):
+    r = m.main(["--quick", "--outdir", str(tmp_path)])
+    names = {p.name for p in (tmp_path / m.MODULE).glob("*.png")}
+    assert names == {"forward_marginals.png", "forward_sde_vs_closed_form.png",
+                     "samplers_exact_score.png", "sampler_convergence.png",
+                     "reverse_trajectories.png", "likelihood.png",
+                     "ddpm_connection.png", "training_losses.png", "samplers_learned_score.png"}
+    assert r["gauss_rel_err"] < 0.01 and r["gauss_abs_err_true_pT"] < 1e-3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train-steps", "0"], "must be a positive integer"),
+    (["--sampler-steps", "-5"], "must be a positive integer"),
+])
+def test_bad_flags_give_clear_errors(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        m.main(argv + ["--outdir", str(tmp_path)])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_exact_dsm_loss_is_below_a_bad_networks_loss(gen):
+    """The exact score's loss is the floor: a network outputting 0 scores E|z|^2 = D = 2."""
+    data = GaussianMixture.eight_gaussians()
+    floor = m.exact_dsm_loss(data, SDES["vp"], gen, n_times=20, n_per_time=200)
+    assert 0.2 < floor < 1.5
+    zero = m.dsm_loss(lambda x, t: torch.zeros_like(x), SDES["vp"], data.sample(4000, gen, F64),
+                      generator=gen)
+    assert zero.item() == pytest.approx(2.0, rel=0.05) and zero.item() > floor + 0.5
+
+
+def test_prior_mismatch_explains_the_likelihood_error(gaussian_case):
+    """With the true p_T in place of the prior, the ODE log-likelihood is exact to the solver."""
+    gauss, x = gaussian_case
+    sde = SDES["vp"]
+    score = m.exact_score_fn(gauss, sde)
+    logp, _ = m.ode_log_likelihood(sde, score, x, log_p_T=m.exact_log_prob_t(gauss, sde, sde.T))
+    assert (logp - gauss.log_prob(x)).abs().max() < 1e-3
