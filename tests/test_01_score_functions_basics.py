@@ -165,25 +165,12 @@ def test_quick_run_writes_all_figures(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--mc-samples", "50"], "must be an integer >= 100"),
     (["--mc-samples", "many"], "must be an integer"),
-    (["--quikc"], "unrecognized arguments"),
 ])
 def test_bad_flags_give_clear_errors(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
         m.main(argv + ["--outdir", str(tmp_path)])
     assert info.value.code == 2 and message in capsys.readouterr().err
 
-
-def test_import_runs_nothing(tmp_path, monkeypatch):
-    """Importing the module creates no figures (all work happens in main)."""
-    monkeypatch.chdir(tmp_path)
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("fresh01", m.__file__)
-    fresh = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "fresh01", fresh)  # dataclasses look their module up
-    spec.loader.exec_module(fresh)
-    assert not (tmp_path / "outputs").exists()
 
 
 def test_gaussian_mixture_from_common_is_the_same_model():

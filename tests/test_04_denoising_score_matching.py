@@ -266,22 +266,9 @@ def test_quick_run_writes_all_figures(tmp_path):
     (["--steps", "0"], "must be a positive integer"),
     (["--sigmas", "0.1", "-1"], "must be a positive finite number"),
     (["--langevin-steps", "many"], "must be an integer"),
-    (["--quikc"], "unrecognized arguments"),
 ])
 def test_bad_flags_give_clear_errors(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
         m.main(argv + ["--outdir", str(tmp_path)])
     assert info.value.code == 2 and message in capsys.readouterr().err
 
-
-def test_import_runs_nothing(tmp_path, monkeypatch):
-    """Importing the module creates no figures (all work happens in main)."""
-    monkeypatch.chdir(tmp_path)
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("fresh04", m.__file__)
-    fresh = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "fresh04", fresh)  # dataclasses look their module up
-    spec.loader.exec_module(fresh)
-    assert not (tmp_path / "outputs").exists()
