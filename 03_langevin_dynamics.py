@@ -3,8 +3,8 @@ FILE: 03_langevin_dynamics.py
 DIFFICULTY: Beginner
 ESTIMATED TIME: 2 hours
 PREREQUISITES: 01_score_functions_basics.py (scores of Gaussians and mixtures),
-    02_score_matching_theory.py (why we can learn a score); Gaussian algebra; what a Markov
-    chain is.
+    02_score_matching_theory.py (why we can learn a score); Gaussian algebra (sums of
+    independent Gaussians). Markov chains, Brownian motion and SDEs are introduced here.
 
 LEARNING OBJECTIVES:
 - Sample from a density with nothing but its score, using the unadjusted Langevin algorithm
@@ -20,14 +20,20 @@ LEARNING OBJECTIVES:
   even the exact score gets the mode weights wrong in any realistic number of steps.
 
 MATHEMATICAL BACKGROUND:
-- Langevin diffusion, on the time scale whose Euler steps give Song & Ermon's (2019) update:
-      dx = (1/2) grad log p(x) dt + dW,             W a standard Brownian motion.
-  Its density p_t obeys the Fokker-Planck equation (drift (1/2) s, diffusion coefficient 1/2)
+- ULA, the update of Song & Ermon (2019): noisy gradient ascent on log p,
+      x_{k+1} = x_k + (eps/2) s(x_k) + sqrt(eps) z_k,       z_k ~ N(0, I),  s = grad log p.
+  On N(0, v) the drift shrinks the variance by about eps Var/v per step and the noise adds
+  eps: the two balance at Var = v, which is why a drift eps/2 goes with a noise sqrt(eps).
+- Its small-step limit is the Langevin diffusion, written
+      dx = (1/2) s(x) dt + dW,
+  shorthand for "over a short time dt, move by (1/2) s(x) dt and add an independent
+  N(0, dt I) kick" (W is Brownian motion: the sum of those kicks). ULA is exactly this rule
+  with dt = eps (the Euler-Maruyama scheme).
+- The density p_t of x_t obeys the Fokker-Planck equation: the drift moves mass (continuity
+  equation), the kicks spread it (N(0, t) solves d p/dt = (1/2) p''):
       d p_t / dt = - div( (1/2) s(x) p_t ) + (1/2) Laplacian p_t
-                 = (1/2) div( p_t grad log(p_t / p) ),      s = grad log p,
-  which is zero when p_t = p: the target is stationary.
-- ULA = Euler-Maruyama with time step eps:
-      x_{k+1} = x_k + (eps/2) s(x_k) + sqrt(eps) z_k,       z_k ~ N(0, I).
+                 = (1/2) div( p_t grad log(p_t / p) ),
+  which is zero when p_t = p: the target is stationary (invariant).
 - Discretisation bias on a Gaussian target N(m, v) (1D): s(x) = -(x - m)/v, so
       x_{k+1} - m = a (x_k - m) + sqrt(eps) z_k,            a = 1 - eps/(2v),
       Var_{k+1} = a^2 Var_k + eps  ->  v_eps = eps / (1 - a^2) = v / (1 - eps/(4v))
@@ -36,9 +42,12 @@ MATHEMATICAL BACKGROUND:
       q(x' | x) = N(x'; x + (eps/2) s(x), eps I),
   and accept with probability
       alpha(x, x') = min(1, p(x') q(x | x') / (p(x) q(x' | x))).
-  Detailed balance p(x) q(x'|x) alpha(x, x') = p(x') q(x|x') alpha(x', x) makes p exactly
-  invariant for every eps; only the ratio p(x')/p(x) enters, so log p up to an additive
-  constant suffices.
+  Detailed balance p(x) q(x'|x) alpha(x, x') = p(x') q(x|x') alpha(x', x), integrated over x
+  and with the rejected mass r(x') added, gives int p(x) K(x, x') dx = p(x'): p is exactly
+  invariant for every eps. Only the ratio p(x')/p(x) enters, so log p up to an additive
+  constant suffices. Without the q-ratio the chain converges to the wrong law.
+- Score-based models give a learned score s_theta and no log p: MALA is then unavailable, and
+  ULA with its O(eps) bias (or its annealed version, module 07) is what is used in practice.
 - Ornstein-Uhlenbeck check: for p = N(m, v) and x_0 ~ N(m_0, v_0) the diffusion stays Gaussian
   with mean m + (m_0 - m) exp(-t/(2v)) and variance v + (v_0 - v) exp(-t/v).
 - Mixture pitfall: s(x) = sum_k r_k(x) s_k(x) with responsibilities r_k. Inside mode k,
@@ -62,8 +71,8 @@ IMPLEMENTATION NOTES:
   two independent target samples of the same size.
 
 Run:
-    python 03_langevin_dynamics.py            # full demonstration (about 20 s on 2 CPU cores)
-    python 03_langevin_dynamics.py --quick    # smoke run (a few seconds)
+    python 03_langevin_dynamics.py            # full demonstration (~20 s CPU time, 2 cores)
+    python 03_langevin_dynamics.py --quick    # smoke run (~8 s CPU time, torch import included)
     pytest tests/test_03_langevin_dynamics.py tests/test_03_exercises.py
 
 References:
@@ -90,6 +99,7 @@ References:
 # scores, and the sample distances.
 
 # %%
+import argparse
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -117,7 +127,7 @@ LogProbFn = Callable[[Tensor], Tensor]  # x (N, ...) -> log p(x) + const, (N,)
 
 @dataclass
 class Config:
-    """Sizes of one run. The defaults fit in about 20 s on 2 CPU cores; `quick()` in a few."""
+    """Sizes of one run: defaults ~20 s of CPU time (2 cores), `quick()` ~8 s incl. imports."""
 
     # 1D Gaussian N(0, variance): ULA's stationary variance against its closed form
     variance: float = 1.0
@@ -134,8 +144,8 @@ class Config:
     trajectory_steps: int = 150
     # 1D Fokker-Planck equation on a grid, beside Langevin particles
     grid_cells: int = 400
-    fp_dt: float = 0.02  # grid time step = particle step size eps
-    fp_times: tuple = (0.2, 1.0, 4.0, 16.0)  # multiples of fp_dt
+    fp_dt: float = 0.02  # particle step size eps; the grid takes 10 sub-steps of fp_dt / 10
+    fp_times: tuple = (0.2, 1.0, 4.0, 16.0)  # snapshot times t (step k = round(t / fp_dt))
     particles: int = 10_000
     # the separated-modes pitfall
     mode_chains: int = 1000
@@ -149,13 +159,25 @@ class Config:
                    particles=3000, mode_chains=300, mode_steps=150)
 
 
+MAX_CHAINS = 200_000  # Section 4.3 runs 6 x chains at once: ~1.2M states stays in memory
+
+
+def _chains(text: str) -> int:
+    """argparse type for --chains: an integer in [10, MAX_CHAINS]."""
+    value = int_at_least(10)(text)
+    if value > MAX_CHAINS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_CHAINS:,} (memory), got {text}")
+    return value
+
+
 def make_parser():
     """The shared flags plus two of this module's own (validated: bad values stop with a line)."""
     parser = make_shared_parser("Langevin dynamics: ULA, MALA, Fokker-Planck, mode weights.")
     group = parser.add_argument_group("module 03")
-    group.add_argument("--chains", type=int_at_least(10), default=None,
-                       help="independent chains in the 2D demonstrations (default: 2000, "
-                            "--quick: 500; at least 10 for the distances to mean anything)")
+    group.add_argument("--chains", type=_chains, default=None,
+                       help="independent chains per sampler in the 2D mixture demonstrations "
+                            "of Sections 4.2-4.3 (default: 2000, --quick: 500; between 10 and "
+                            f"{MAX_CHAINS:,}); Section 4.5 keeps its own size")
     group.add_argument("--step-size", type=positive_float, default=None,
                        help="the large step size eps for ULA vs MALA on the 2D mixture "
                             "(default 0.4; must stay below ULA's stability limit 1.2)")
@@ -165,34 +187,57 @@ def make_parser():
 # %% [markdown]
 # # Section 2: Mathematical foundations
 #
-# ## 2.1 The Langevin diffusion has p as its stationary law
+# ## 2.1 The update: noisy gradient ascent on log p
 #
-# Let s(x) = grad log p(x) be the score of a target density p. The Langevin diffusion
-#
-# $$ dx = \tfrac12 s(x)\,dt + dW $$
-#
-# drifts up the log-density and is kicked by Brownian noise. The density p_t of x_t obeys the
-# Fokker-Planck equation, in which a drift b(x) contributes -div(b p_t) and a Brownian increment
-# dW (variance dt, i.e. diffusion coefficient D = 1/2) contributes D Laplacian p_t = (1/2)
-# Laplacian p_t (noise g dW would contribute (g^2/2) Laplacian p_t):
-#
-# $$ \partial_t p_t = -\nabla\cdot\big(\tfrac12 s\, p_t\big) + \tfrac12 \Delta p_t
-#    = \tfrac12 \nabla\cdot\big(p_t \nabla \log \tfrac{p_t}{p}\big). $$
-#
-# The right-hand side vanishes at p_t = p, so p is stationary; it is also the only stationary
-# density (for targets with reasonable tails), and p_t converges to it from any start.
-# Conventions differ by a time rescaling: many texts write dx = grad log p dt + sqrt(2) dW,
-# which is our process run twice as fast. We keep the 1/2, because then the time step of the
-# discretisation below is exactly the eps of the familiar update.
-#
-# ## 2.2 ULA: Euler-Maruyama with time step eps
+# Let s(x) = grad log p(x) be the score of a target density p. The unadjusted Langevin
+# algorithm (ULA) repeats
 #
 # $$ x_{k+1} = x_k + \tfrac{\epsilon}{2} s(x_k) + \sqrt{\epsilon}\, z_k,\qquad z_k\sim N(0, I). $$
 #
-# It needs only the score, never log p or its normaliser. But a finite step is not the
-# diffusion, and the chain's stationary law p_eps differs from p.
+# The first term climbs log p (gradient ascent with step eps/2), the second is a random kick
+# that keeps the chain from collapsing onto a mode. Why a drift eps/2 goes with a noise
+# sqrt(eps): on p = N(0, v) the drift multiplies x by (1 - eps/(2v)), removing about eps Var/v of
+# variance per step, and the kick adds eps; the two balance exactly when Var = v. (A noise
+# sqrt(2 eps) would settle at 2v.) It needs only the score, never log p or its normaliser.
 #
-# ## 2.3 The bias, exactly, on a Gaussian
+# **Markov-chain vocabulary.** A *Markov chain* draws x_{k+1} from a law K(x_k, .) that depends
+# only on x_k (ULA: N(x_k + (eps/2) s(x_k), eps I)). A density p is *stationary* (= invariant)
+# if x_k ~ p implies x_{k+1} ~ p: int p(x) K(x, x') dx = p(x'). *Detailed balance*,
+# p(x) K(x, x') = p(x') K(x', x), says the flow of probability from x to x' equals the flow
+# back; integrating it over x gives stationarity (Section 2.4).
+#
+# ## 2.2 The small-step limit: the Langevin diffusion and its Fokker-Planck equation
+#
+# Let the step become a short time dt. One writes the limit as
+#
+# $$ dx = \tfrac12 s(x)\,dt + dW, $$
+#
+# which is shorthand for "over a short time dt, move by (1/2) s(x) dt and add an independent
+# N(0, dt I) kick". W, the running sum of the kicks, is Brownian motion; the variances of
+# independent kicks add, so over a time t the kicks alone give N(0, t I). ULA is exactly this
+# rule applied with dt = eps (the *Euler-Maruyama* scheme: freeze the drift over each step).
+#
+# How does the density p_t of x_t evolve? Two effects add up.
+# - The drift moves mass with velocity b = s/2 and creates none, so p_t obeys the continuity
+#   equation d p_t/dt = -div(b p_t) (in 1D: what flows in minus what flows out).
+# - The kicks spread mass. The kicks alone turn a point into N(0, t), whose density
+#   g = exp(-x^2/(2t)) / sqrt(2 pi t) satisfies dg/dt = (1/2) g'' (differentiate both sides to
+#   check); by linearity every density spreads by the same rule, (1/2) Laplacian p_t.
+#
+# Together (the Fokker-Planck equation of the diffusion):
+#
+# $$ \partial_t p_t = -\nabla\cdot\big(\tfrac12 s\, p_t\big) + \tfrac12 \Delta p_t
+#    = \tfrac12 \nabla\cdot\big(p_t \nabla \log \tfrac{p_t}{p}\big), $$
+#
+# where the second form uses grad p_t = p_t grad log p_t. The right-hand side vanishes at
+# p_t = p, so p is stationary; it is also the only stationary density (for targets with
+# reasonable tails), and p_t converges to it from any start (Section 4.4 watches this).
+# Conventions differ by a time rescaling: many texts write dx = grad log p dt + sqrt(2) dW,
+# which is our process run twice as fast. We keep the 1/2 so that the time step of ULA is exactly
+# the eps of the familiar update. But a finite step is not the diffusion: ULA's stationary law
+# p_eps differs from p.
+#
+# ## 2.3 ULA's bias, exactly, on a Gaussian
 #
 # For p = N(m, v) in 1D the score is -(x - m)/v and the update is linear:
 #
@@ -219,10 +264,32 @@ def make_parser():
 #
 # $$ \alpha(x, x') = \min\Big(1, \frac{p(x')\, q(x \mid x')}{p(x)\, q(x' \mid x)}\Big), $$
 #
-# otherwise stay at x. Then p(x) q(x'|x) alpha(x, x') = min(p(x) q(x'|x), p(x') q(x|x')) is
-# symmetric in (x, x') (detailed balance), so p is exactly invariant whatever eps is. The price:
-# MALA needs log p up to a constant (not just the score), and large steps get rejected. The
-# proposal is not symmetric, q(x'|x) != q(x|x'), so forgetting the q-ratio breaks invariance.
+# otherwise stay at x. The transition law K(x, .) is then: move to x' with density
+# q(x'|x) alpha(x, x'), or stay at x with the rejected mass r(x) = 1 - int q(y|x) alpha(x, y) dy.
+#
+# *Detailed balance for the moves.* p(x) q(x'|x) alpha(x, x') = min(p(x) q(x'|x), p(x') q(x|x'))
+# is symmetric in (x, x').
+#
+# *Invariance.* Start from x ~ p and ask for the density at x' after one step: chains that moved
+# to x' plus chains that were at x' and stayed,
+#
+# $$ \int p(x)\, q(x'|x)\, \alpha(x, x')\, dx + p(x')\, r(x')
+#    = p(x') \int q(x|x')\, \alpha(x', x)\, dx + p(x')\, r(x')
+#    = p(x')\,(1 - r(x')) + p(x')\, r(x') = p(x'), $$
+#
+# using detailed balance in the first step. So p is exactly invariant, whatever eps is;
+# rejections are not a nuisance but the term that makes the books balance. The price: MALA needs
+# log p up to a constant (not just the score), and large steps get rejected.
+#
+# The q-ratio matters: the proposal is not symmetric, q(x'|x) != q(x|x'), and with the plain
+# Metropolis test min(1, p(x')/p(x)) the symmetry above fails. Section 4.1 runs that broken
+# sampler on N(0, 1) and measures a stationary variance visibly different from 1.
+#
+# **Why this matters for score-based models.** A score network gives s_theta(x) and nothing
+# else: there is no log p to put in the acceptance ratio, so MALA is not available. What
+# practitioners run is ULA (and, from module 07, its annealed version), accepting an O(eps)
+# bias that they control through the step size. That is why this module measures that bias
+# so carefully.
 #
 # ## 2.5 Fokker-Planck on a grid
 #
@@ -250,8 +317,11 @@ def make_parser():
 # r_k = w_k p_k / p. Deep inside mode k the responsibility r_k is 1 to within
 # exp(-|mu_j - mu_k|^2 / 2) (about e^-100 for the modes at (-5,-5) and (5,5)), so the score
 # there is the same whether the weights are 0.8/0.2 or 0.2/0.8. A chain that starts in the
-# basin of a mode relaxes inside it and almost never crosses the low-density gap, whose
-# crossing time grows like exp(barrier height). The fraction of chains in each mode therefore
+# basin of a mode relaxes inside it and almost never crosses the low-density gap. Call the
+# *barrier* the drop in log p from a mode to the saddle point between the modes (here about
+# |mu_1 - mu_2|^2 / 8 = 25 nats, since the saddle is 5 sqrt(2) from each mode). The mean time to
+# cross grows like exp(barrier) (Kramers' law): about e^25 ~ 1e11 time units, or ~1e12 ULA
+# steps at eps = 0.1, against the 500 we run. The fraction of chains in each mode therefore
 # stays the fraction that *started* in its basin, not w_k. Annealing the noise level
 # (module 07) fixes this: at large noise the modes overlap and the score does see the weights.
 
@@ -271,7 +341,7 @@ def _per_chain(step_size, x: Tensor) -> Tensor:
 
 
 def _check_step_size(step_size, n_chains: int) -> None:
-    eps = torch.as_tensor(step_size)
+    eps = torch.as_tensor(step_size, dtype=torch.float64)  # float64: 1e-300 must not underflow
     if eps.ndim > 1 or (eps.ndim == 1 and len(eps) != n_chains):
         raise ValueError(f"step_size must be a number or one value per chain ({n_chains},), "
                          f"got shape {tuple(eps.shape)}")
@@ -341,9 +411,11 @@ def ula_stability_limit(target: GaussianMixture) -> float:
     """4 lambda_min, lambda_min the smallest eigenvalue of any component covariance C_k.
 
     The Hessian of log p of a mixture is sum_k r_k (-C_k^{-1}) plus a covariance of the
-    component scores (positive semi-definite), so the curvature -Hessian never exceeds
-    1/lambda_min. Below 4 lambda_min every local linearisation contracts (Section 2.3); above
-    it, chains in the stiffest component oscillate with growing amplitude and diverge.
+    component scores (positive semi-definite), so the curvature of -log p never exceeds
+    1/lambda_min. Below 4 lambda_min no direction overshoots: the local factor a = 1 - eps c/2
+    of Section 2.3 stays above -1 for every curvature c <= 1/lambda_min (between modes, where
+    log p can be locally convex, a > 1 and the chain is pushed away, which is fine). Above it,
+    chains in the stiffest component oscillate with growing amplitude and diverge.
     """
     return 4.0 * torch.linalg.eigvalsh(target.covs).min().item()
 
@@ -372,7 +444,8 @@ def log_proposal(x_to: Tensor, x_from: Tensor, score_from: Tensor, step_size) ->
 
 
 def mala_log_acceptance(x: Tensor, proposal: Tensor, log_p: Tensor, log_p_proposal: Tensor,
-                        score: Tensor, score_proposal: Tensor, step_size) -> Tensor:
+                        score: Tensor, score_proposal: Tensor, step_size,
+                        q_ratio: bool = True) -> Tensor:
     """log alpha = min(0, log p(x') + log q(x | x') - log p(x) - log q(x' | x)), shape (N,).
 
     Args:
@@ -380,14 +453,20 @@ def mala_log_acceptance(x: Tensor, proposal: Tensor, log_p: Tensor, log_p_propos
         log_p, log_p_proposal: (N,) log p (any additive constant cancels) at x and x'.
         score, score_proposal: (N, ...) s(x) and s(x').
         step_size: eps, a number or (N,).
+        q_ratio: False drops the proposal ratio (the plain Metropolis test min(1, p(x')/p(x)));
+            this is WRONG for the asymmetric Langevin proposal and exists only to show that
+            the resulting chain does not sample p (Section 4.1).
     """
+    if not q_ratio:
+        return (log_p_proposal - log_p).clamp(max=0.0)
     forward = log_p + log_proposal(proposal, x, score, step_size)  # log p(x) q(x'|x)
     backward = log_p_proposal + log_proposal(x, proposal, score_proposal, step_size)
     return (backward - forward).clamp(max=0.0)
 
 
 def mala(log_prob_fn: LogProbFn, score_fn: ScoreFn, x0: Tensor, step_size, n_steps: int,
-         generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+         generator: torch.Generator | None = None,
+         q_ratio: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
     """Metropolis-adjusted Langevin: yields (x_k, accepted_k) for k = 1..n_steps.
 
     Each step proposes x' = x + (eps/2) s(x) + sqrt(eps) z and accepts it with probability
@@ -397,6 +476,7 @@ def mala(log_prob_fn: LogProbFn, score_fn: ScoreFn, x0: Tensor, step_size, n_ste
         log_prob_fn: x (N, ...) -> log p(x) up to a constant, (N,).
         score_fn: x (N, ...) -> grad log p(x), (N, ...).
         x0: (N, ...) initial states; step_size: a number or (N,).
+        q_ratio: keep True; False is the broken sampler of Section 4.1 (no proposal ratio).
     Yields:
         x (N, ...) the states after the step, and accepted (N,) bool.
     """
@@ -407,7 +487,7 @@ def mala(log_prob_fn: LogProbFn, score_fn: ScoreFn, x0: Tensor, step_size, n_ste
         proposal = langevin_step(x, score, step_size, generator)  # x' ~ q(. | x)
         log_p_new, score_new = log_prob_fn(proposal), score_fn(proposal)
         log_alpha = mala_log_acceptance(x, proposal, log_p, log_p_new, score, score_new,
-                                        step_size)
+                                        step_size, q_ratio)
         u = torch.rand(len(x), generator=generator, dtype=x.dtype,
                        device=generator.device if generator is not None else x.device)
         accepted = u.to(x.device).log() < log_alpha  # accept with probability alpha
@@ -419,14 +499,15 @@ def mala(log_prob_fn: LogProbFn, score_fn: ScoreFn, x0: Tensor, step_size, n_ste
 
 
 def mala_sample(log_prob_fn: LogProbFn, score_fn: ScoreFn, x0: Tensor, step_size, n_steps: int,
-                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                generator: torch.Generator | None = None,
+                q_ratio: bool = True) -> tuple[Tensor, Tensor]:
     """Run MALA for n_steps >= 1; return the final states (N, ...) and each chain's acceptance
-    rate (N,) (the fraction of its proposals that were accepted)."""
+    rate (N,) (the fraction of its proposals that were accepted). q_ratio as in ``mala``."""
     if n_steps < 1:
         raise ValueError(f"n_steps must be at least 1, got {n_steps}")
     n_accepted = torch.zeros(len(x0), dtype=x0.dtype, device=x0.device)
     x = x0
-    for state in mala(log_prob_fn, score_fn, x0, step_size, n_steps, generator):
+    for state in mala(log_prob_fn, score_fn, x0, step_size, n_steps, generator, q_ratio):
         x, accepted = state
         n_accepted += accepted
     return x, n_accepted / n_steps
@@ -510,8 +591,11 @@ def fokker_planck_1d(score_fn: ScoreFn, grid: Grid1D, p0: np.ndarray, dt: float,
 def spectral_gap(banded: np.ndarray) -> float:
     """-lambda_2, the slowest decay rate of dp/dt = L p (lambda_1 = 0 belongs to p itself).
 
-    L satisfies detailed balance, so it is similar to the symmetric tridiagonal matrix with the
-    same diagonal and off-diagonals sqrt(L[i, i+1] L[i+1, i]); its eigenvalues are real.
+    p_t - p = sum_{j>=2} c_j e^{lambda_j t} phi_j, so late in the run the distance to p decays
+    like e^{-gap t}. (Optional detail, why a symmetric eigensolver is allowed: rescaling the
+    cells by sqrt(p_i), D^{-1} L D with D = diag(sqrt(p_i)), gives the symmetric tridiagonal
+    matrix with the same diagonal and off-diagonals sqrt(L[i, i+1] L[i+1, i]) (both are
+    positive), so L's eigenvalues are real and eigh_tridiagonal finds them.)
     """
     off = np.sqrt(banded[0, 1:] * banded[2, :-1])
     top_two = eigh_tridiagonal(banded[1], off, eigvals_only=True, select="i",
@@ -580,6 +664,20 @@ def mode_fractions(samples: Tensor, target: GaussianMixture) -> Tensor:
     return torch.bincount(k, minlength=target.n_components).double() / len(samples)
 
 
+def mode_spread(samples: Tensor, target: GaussianMixture) -> tuple[float, float]:
+    """Mean squared distance per coordinate to the mean of the most responsible component.
+
+    spread = mean_i |x_i - mu_{k(x_i)}|^2 / D with k(x) = argmax_k r_k(x), and its standard
+    error (sd of the per-sample terms / sqrt(N)). For well-separated Gaussian components it is
+    the average component variance; ULA at step eps adds about eps/4 per coordinate (Section
+    2.3), a shift that the sliced Wasserstein distance, dominated by where the modes are, barely
+    resolves. samples (N, D) -> (spread, standard error).
+    """
+    k = target.responsibilities(samples).argmax(dim=1)
+    terms = (samples - target.means[k].to(samples)).square().mean(dim=1)  # (N,)
+    return terms.mean().item(), (terms.std() / math.sqrt(len(terms))).item()
+
+
 def distance_to(samples: Tensor, reference: Tensor) -> float:
     """Sliced Wasserstein-2 distance with 64 fixed directions (the same for every call).
 
@@ -623,10 +721,19 @@ def _p_value(p: float) -> str:
 # ## 4.1 ULA's bias on a 1D Gaussian, and MALA without it
 #
 # All chains start at x = 0 and run `bias_steps` steps, one block of chains per step size
-# (a single batched call, since the step size may differ per chain). After k steps the variance
-# is v_eps (1 - a^(2k)), indistinguishable from v_eps here. We compare the measured variance
-# with the closed form v / (1 - eps/(4v)) and with the true v, and run MALA with the same
-# steps.
+# (a single batched call, since the step size may differ per chain). The start is forgotten
+# geometrically, by a factor a^2 per step (how fast exactly is Exercise 3.1); after 200 steps
+# the remainder is below 1e-4 for every step size here. We compare the measured variance with
+# the closed form v / (1 - eps/(4v)) and with the true v, and run MALA with the same steps.
+# At eps = 0.05 the bias (0.013) is about one standard error of a variance from 20,000 chains,
+# so that point cannot tell ULA from the truth; from eps = 0.2 on the bias is resolved.
+#
+# Third sampler: "MALA" with the plain Metropolis test min(1, p(x')/p(x)), i.e. without the
+# q-ratio (Section 2.4). It accepts and rejects like MALA, but its variance is about v/2, not
+# v: for small eps a Metropolis test with a small random-walk proposal already acts like the
+# drift (eps/2) s, so with the Langevin proposal the drift is counted twice and the chain
+# samples roughly p^2 = N(0, v/2). Detailed balance, not just "having an accept/reject step",
+# is what makes p invariant.
 
 # %%
 def demo_stationary_variance(run, cfg: Config) -> dict:
@@ -644,12 +751,16 @@ def demo_stationary_variance(run, cfg: Config) -> dict:
     *_, x_ula = _progress(langevin(score, x0, eps, cfg.bias_steps, run.generator),
                           cfg.bias_steps, "ULA, 1D Gaussian")
     x_mala, acc = mala_sample(log_prob, score, x0, eps, cfg.bias_steps, run.generator)
+    x_naive, _ = mala_sample(log_prob, score, x0, eps, cfg.bias_steps, run.generator,
+                             q_ratio=False)  # the broken sampler: no proposal ratio
 
     rows = []
     for i, e in enumerate(cfg.bias_step_sizes):
         block = slice(i * n, (i + 1) * n)
         var_ula, var_mala = x_ula[block].var().item(), x_mala[block].var().item()
-        rows.append(dict(step_size=e, ula=var_ula, mala=var_mala,
+        var_naive = x_naive[block].var().item()
+        rows.append(dict(step_size=e, ula=var_ula, mala=var_mala, naive=var_naive,
+                         se_naive=var_naive * math.sqrt(2 / (n - 1)),
                          closed_form=ula_stationary_variance(v, e),
                          # standard error of a Gaussian sample variance: var * sqrt(2/(n-1))
                          se=var_ula * math.sqrt(2 / (n - 1)),
@@ -674,9 +785,12 @@ def demo_stationary_variance(run, cfg: Config) -> dict:
     ax1.errorbar([r["step_size"] for r in rows], [r["mala"] for r in rows],
                  yerr=[2 * r["se_mala"] for r in rows], fmt="s", color="tab:green", capsize=3,
                  label="MALA measured (+-2 s.e.)")
+    ax1.errorbar([r["step_size"] for r in rows], [r["naive"] for r in rows],
+                 yerr=[2 * r["se_naive"] for r in rows], fmt="^", color="tab:purple", capsize=3,
+                 label="MALA without q-ratio (wrong)")
     ax1.set(xlabel="step size $\\epsilon$", ylabel="stationary variance",
             title=f"ULA's O($\\epsilon$) bias on N(0, {v:g}) ({n:,} chains each)")
-    ax1.legend()
+    ax1.legend(fontsize=8)
     e = cfg.bias_step_sizes[-1]
     xs = np.linspace(-4.5, 4.5, 300) * math.sqrt(v)
     bins = np.linspace(-4.5, 4.5, 61) * math.sqrt(v)
@@ -698,10 +812,16 @@ def demo_stationary_variance(run, cfg: Config) -> dict:
 #
 # Left: a few ULA chains with a small step, started far out, slide down the score field into
 # the modes and hop between them. Middle and right: `chains_2d` chains started from a broad
-# Gaussian N(0, 2^2 I) after `max_steps_2d` steps with the large step size, ULA against MALA:
-# ULA's cloud is visibly too wide (its stationary law is p_eps, not p), MALA's matches the
-# contours. Along the way we record the distance to the target at a few checkpoints (for ULA
-# also at the small step size); Section 4.3 plots these curves.
+# Gaussian N(0, 2^2 I) after `max_steps_2d` steps with the large step size, ULA against MALA.
+# ULA's stationary law is p_eps, not p: each mode is wider by about eps/4 per coordinate. The
+# sliced Wasserstein distance is dominated by where the modes sit and resolves this only
+# weakly with a few thousand samples, so the titles report a statistic aimed at the bias: the
+# *spread*, the mean squared distance per coordinate to the nearest component mean
+# (`mode_spread`), against its exact value from 200,000 exact samples. Along the way we record
+# the distance to the target at a few checkpoints (for ULA also at the small step size);
+# Section 4.3 plots these curves. All distances of Sections 4.2-4.3 use one shared reference
+# sample, so their sampling noise is correlated: compare curves with each other and with the
+# floor band, which uses the same reference.
 
 # %%
 def demo_samples_2d(run, cfg: Config, target: GaussianMixture) -> dict:
@@ -732,6 +852,12 @@ def demo_samples_2d(run, cfg: Config, target: GaussianMixture) -> dict:
             curves["mala_large"].append(distance_to(x_mala, reference))
     acceptance = (n_accepted / cfg.max_steps_2d).mean().item()
     d_ula, d_mala = curves["ula_large"][-1], curves["mala_large"][-1]
+    # the bias statistic: spread around the nearest component mean, vs its exact value
+    big = torch.Generator().manual_seed(0)  # fixed: the exact value is a constant of the target
+    spread_exact = mode_spread(target.sample(200_000, big, dtype=DTYPE), target)[0]
+    spread_ula, se_ula = mode_spread(x_ula, target)
+    spread_mala, se_mala = mode_spread(x_mala, target)
+    verdict = "too wide" if spread_ula - spread_exact > 3 * se_ula else "not resolved"
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
     plotting.plot_density(axes[0], target.log_prob, lim, lim)
@@ -741,20 +867,23 @@ def demo_samples_2d(run, cfg: Config, target: GaussianMixture) -> dict:
         axes[0].plot(path[:, i, 0], path[:, i, 1], color=c, lw=0.8, alpha=0.9)
         axes[0].plot(*path[0, i], "o", color=c, ms=6, mec="k", label="start" if i == 0 else None)
         axes[0].plot(*path[-1, i], "*", color=c, ms=12, mec="k", label="end" if i == 0 else None)
-    axes[0].legend(loc="lower right")
+    axes[0].legend(loc="upper center", ncol=2, fontsize=9)
     axes[0].set_title(f"ULA trajectories, $\\epsilon$ = {small:g}, {cfg.trajectory_steps} steps")
     style = dict(xlim=lim, ylim=lim, size=3.0, alpha=0.5)
     plotting.plot_samples_over_density(
         axes[1], x_ula, target.log_prob, color="tab:red", label=f"{n:,} ULA samples",
-        title=f"ULA, $\\epsilon$ = {large:g}: too wide (SW = {d_ula:.3f})", **style)
+        title=f"ULA, $\\epsilon$ = {large:g}: spread {spread_ula:.3f} $\\pm$ {se_ula:.3f} "
+              f"({verdict})\nexact spread {spread_exact:.3f}; SW = {d_ula:.3f}", **style)
     plotting.plot_samples_over_density(
         axes[2], x_mala, target.log_prob, color="tab:green", label=f"{n:,} MALA samples",
-        title=f"MALA, $\\epsilon$ = {large:g}: SW = {d_mala:.3f}, accepts {acceptance:.2f}",
-        **style)
+        title=f"MALA, $\\epsilon$ = {large:g}: spread {spread_mala:.3f} $\\pm$ {se_mala:.3f}"
+              f"\naccepts {acceptance:.2f}; SW = {d_mala:.3f}", **style)
     for ax in axes[1:]:
         ax.legend(loc="lower right", markerscale=4)
     run.save(fig, "samples_2d_mixture")
-    return dict(checkpoints=checkpoints, acceptance=acceptance, **curves)
+    return dict(checkpoints=checkpoints, acceptance=acceptance, reference=reference,
+                spread_exact=spread_exact, spread_ula=(spread_ula, se_ula),
+                spread_mala=(spread_mala, se_mala), **curves)
 
 
 # %% [markdown]
@@ -763,8 +892,9 @@ def demo_samples_2d(run, cfg: Config, target: GaussianMixture) -> dict:
 # Left: after a fixed number of steps from the broad start, small steps have not arrived yet
 # (the chain has covered a time of only n eps), large steps arrive quickly but ULA settles on
 # its biased p_eps: the best ULA step size is a compromise. MALA is unbiased, so its large
-# steps stay at the floor until rejections slow it down. The grey band is the spread of the
-# distance between two independent target samples: differences inside it are sampling noise.
+# steps stay at the floor over the whole sweep (up to eps = 0.9, where it still accepts about
+# 60% of its proposals). The grey band is the spread of the distance between independent target
+# samples and the shared reference: differences inside it are sampling noise.
 # Middle (the curves recorded in 4.2):
 # ULA with a small step converges slowly to almost the floor; with a large step it converges
 # quickly to a plateau above it; MALA with the large step converges quickly to the floor.
@@ -772,8 +902,7 @@ def demo_samples_2d(run, cfg: Config, target: GaussianMixture) -> dict:
 
 # %%
 def demo_distance_sweeps(run, cfg: Config, target: GaussianMixture, curves: dict) -> dict:
-    n = cfg.chains_2d
-    reference = target.sample(n, run.generator, dtype=DTYPE)
+    n, reference = cfg.chains_2d, curves["reference"]  # the reference of Section 4.2
     # The floor: distances between independent target samples of the same size. Its spread
     # is the sampling noise of every point in these plots.
     floors = [distance_to(target.sample(n, run.generator, dtype=DTYPE), reference)
@@ -826,8 +955,8 @@ def demo_distance_sweeps(run, cfg: Config, target: GaussianMixture, curves: dict
 
 
 def _draw_floor(ax, floor: float, sd: float) -> None:
-    """The distance between two independent target samples: mean line and +-2 sd band."""
-    ax.axhline(floor, color="k", ls="--", lw=1, label="floor: two target samples")
+    """Distance of independent target samples to the shared reference: mean and +-2 sd band."""
+    ax.axhline(floor, color="k", ls="--", lw=1, label="floor: target sample vs reference")
     ax.axhspan(floor - 2 * sd, floor + 2 * sd, color="k", alpha=0.1, lw=0,
                label="floor +- 2 sd (sampling noise)")
 
@@ -839,8 +968,15 @@ def _draw_floor(ax, floor: float, sd: float) -> None:
 # density (backward Euler with 10 sub-steps of eps/10 per particle step) and the histogram of
 # `particles` ULA chains with step size eps are drawn at the same times t = k eps. Mass first
 # slides into the nearer, lighter left mode within t ~ 1, then leaks over the valley into the
-# heavier right mode on a slower time scale: the L1 distance to p decays like exp(-lambda t),
-# where -lambda is the largest non-zero eigenvalue of L (lambda is its spectral gap). This slow
+# heavier right mode on a slower time scale. Why a single exponential at late times: expand the
+# start in the eigenvectors phi_j of the linear operator L (eigenvalues 0 = lambda_1 > lambda_2
+# >= ...); each component evolves on its own,
+#
+# $$ p_t - p = \sum_{j\ge 2} c_j\, e^{\lambda_j t}\, \phi_j , $$
+#
+# and once the fast terms have died the slowest one, e^{lambda_2 t}, is all that is left. Its
+# rate gap = -lambda_2 is the *spectral gap*: here the rate at which mass equilibrates between
+# the two modes, so the L1 distance to p decays like exp(-gap t). This slow
 # leak between modes is the mild 1D version of the pitfall of Section 4.5. First, though, the
 # solver is checked against the one case with a closed form, a Gaussian target (the
 # Ornstein-Uhlenbeck process of the header).
@@ -912,7 +1048,10 @@ def demo_fokker_planck(run, cfg: Config) -> dict:
            title="Convergence to the stationary density")
     ax.legend(fontsize=8)
     run.save(fig, "fokker_planck_vs_particles")
+    # prediction for the last time from the middle one and the spectral gap alone
+    l1_predicted = l1_curve[middle] * math.exp(-gap * (times[-1] - times[middle]))
     return dict(ou_error=ou_error, l1_final=l1_curve[-1], l1_particles=l1_particles,
+                l1_predicted=l1_predicted, t_middle=float(times[middle]),
                 noise_floor=noise_floor, times=[k * dt for k in snap_steps], gap=gap,
                 grid_h=grid.h, dt=dt)
 
@@ -923,10 +1062,12 @@ def demo_fokker_planck(run, cfg: Config) -> dict:
 # Target: 0.8 N((-5,-5), I) + 0.2 N((5,5), I). Start chains uniformly on [-8, 8]^2, which
 # covers both modes, and run Langevin with the *exact* score. The basins are split by the line
 # x_1 + x_2 = ln(4)/10 (where the responsibilities are equal), so about half the chains start
-# on each side, and that is the split they keep: the left panel's samples are spread about
-# evenly, not 4:1 like the exact samples beside them. MALA does no better, so this is not
-# discretisation bias: it is the diffusion's own time to cross between modes that is
-# astronomically long.
+# on each side, and that is the split they keep: the middle panel's Langevin samples are split
+# about evenly between the modes, not 4:1 like the exact samples in the left panel. The right
+# panel follows the fraction in the heavy mode over the run: its flat line, sitting on the
+# fraction that started in that basin and nowhere near 0.8, IS the result. MALA does no
+# better, so this is not discretisation bias: it is the diffusion's own time to cross between
+# the modes, about e^25 ~ 1e11 time units (Section 2.6), i.e. ~1e12 steps at eps = 0.1.
 
 # %%
 def demo_mode_weights(run, cfg: Config) -> dict:
@@ -950,6 +1091,10 @@ def demo_mode_weights(run, cfg: Config) -> dict:
     # The score barely depends on the weights: compare 0.8/0.2 with 0.2/0.8 at the samples.
     diff = (target.score(x_ula) - flipped.score(x_ula)).norm(dim=1)
     same = (diff < 1e-6).double().mean().item()
+    # barrier: drop in log p from the heavy mode to the lowest point on the segment to the other
+    u = torch.linspace(0, 1, 2001, dtype=DTYPE)[:, None]
+    line = target.means[0] + u * (target.means[1] - target.means[0])
+    barrier = (target.log_prob(target.means[:1]) - target.log_prob(line).min()).item()
     print(f"\nSeparated modes: recovered weights ULA {weights_ula[0]:.3f} / {weights_ula[1]:.3f}"
           f", MALA {weights_mala[0]:.3f} / {weights_mala[1]:.3f}; true 0.8 / 0.2; "
           f"start basins {basin[0]:.3f} / {basin[1]:.3f}")
@@ -961,11 +1106,11 @@ def demo_mode_weights(run, cfg: Config) -> dict:
     plotting.plot_samples_over_density(
         ax0, exact, target.log_prob, xlim=lim, ylim=lim, size=4, alpha=0.6, color="k",
         label=f"{cfg.mode_chains:,} exact samples of p",
-        title=f"Exact samples: {exact_w[0]:.2f} / {exact_w[1]:.2f}")
+        title=f"Exact samples: {exact_w[0]:.3f} / {exact_w[1]:.3f}")
     plotting.plot_samples_over_density(
         ax1, x_ula, target.log_prob, xlim=lim, ylim=lim, size=4, alpha=0.6,
-        label=f"ULA after {n} steps from U([-8, 8]^2)",
-        title=f"Langevin, exact score: {weights_ula[0]:.2f} / {weights_ula[1]:.2f}")
+        label=f"ULA after {n} steps from $U([-8, 8]^2)$",
+        title=f"Langevin, exact score: {weights_ula[0]:.3f} / {weights_ula[1]:.3f}")
     for ax in (ax0, ax1):
         # the basin boundary x_1 + x_2 = ln(4)/10, where both responsibilities are 1/2
         ax.plot(lim, [math.log(4) / 10 - lim[0], math.log(4) / 10 - lim[1]], "k:", lw=1,
@@ -976,14 +1121,15 @@ def demo_mode_weights(run, cfg: Config) -> dict:
     ax2.plot(t, frac_mala, "s-", ms=3, color="tab:green", label="MALA")
     ax2.axhline(0.8, color="k", ls="--", label="true weight 0.8")
     ax2.axhline(basin[0].item(), color="tab:blue", ls=":",
-                label=f"fraction starting in its basin ({basin[0]:.2f})")
+                label=f"fraction starting in its basin ({basin[0]:.3f})")
     ax2.set(xscale="log", ylim=(0, 1), xlabel="number of steps",
             ylabel="fraction of chains in mode (-5, -5)",
             title=f"Weight of mode (-5,-5) over time ($\\epsilon$ = {eps:g})")
     ax2.legend(loc="lower right")
     run.save(fig, "mode_weights_pitfall")
     return dict(weights_ula=weights_ula.tolist(), weights_mala=weights_mala.tolist(),
-                basin=basin.tolist(), same_score=same, max_diff=diff.max().item(),
+                basin=basin.tolist(), same_score=same, barrier=barrier,
+                max_diff=diff.max().item(),
                 median_diff=diff.median().item())
 
 
@@ -1008,7 +1154,7 @@ def exercise_ula_variance_after_k_steps(variance0: float, variance: float, step_
     Hint: Var_{j+1} = a^2 Var_j + eps with a = 1 - eps/(2v); write Var_j - v_eps and note that
     it shrinks by a^2 per step.
     """
-    # TODO: return a^(2k) * variance0 + v_eps * (1 - a^(2k)) with the a and v_eps above
+    # TODO: find the fixed point of the recursion, then how the distance to it evolves
     raise NotImplementedError("Exercise 3.1: exercise_ula_variance_after_k_steps in "
                               "03_langevin_dynamics.py")
 
@@ -1026,7 +1172,7 @@ def exercise_ula_stationary_covariance(cov: Tensor, step_size: float) -> Tensor:
     Hint: C and A share eigenvectors; in the eigenbasis each direction is the 1D problem of
     Section 2.3 with v = lambda_i. torch.linalg.eigh gives C = U diag(lambda) U^T.
     """
-    # TODO: S = U diag(lambda / (1 - eps / (4 lambda))) U^T
+    # TODO: solve the 1D problem along each eigen-direction, then rotate back
     raise NotImplementedError("Exercise 3.2: exercise_ula_stationary_covariance in "
                               "03_langevin_dynamics.py")
 
@@ -1044,31 +1190,32 @@ def exercise_preconditioned_langevin_step(x: Tensor, score: Tensor, step_size: f
     noise z (N, D) -> (N, D).
     Worked example: x = [[1, 0]], score = [[-1, 0]], eps = 0.5, L = [[2, 0], [0, 1]]
     (M = diag(4, 1)), z = [[0, 1]] gives [[1 - 0.25*4, sqrt(0.5)]] = [[0, 0.7071]].
-    Hint: with row vectors, M s becomes score @ M.T and L z becomes noise @ L.T.
+    Hint: write the update for one state (a column vector) first, then transpose it to get
+    the row of the output: (A v)^T = v^T A^T. Check that the noise term really has covariance
+    eps M, not eps L or eps L^T L.
     """
-    # TODO: build M = L L^T, then x + 0.5 * eps * (score @ M.T) + sqrt(eps) * (noise @ L.T)
+    # TODO: batch the update over the rows of x without a Python loop
     raise NotImplementedError("Exercise 3.3: exercise_preconditioned_langevin_step in "
                               "03_langevin_dynamics.py")
 
 
-def exercise_fokker_planck_stationary(x: Tensor, score: Tensor) -> Tensor:
-    """Exercise 3.4: the stationary density of the Langevin Fokker-Planck equation from the score.
+def exercise_step_size_for_tolerance(cov: Tensor, tolerance: float) -> float:
+    """Exercise 3.4: the largest ULA step size whose stationary variances are within tolerance.
 
-    In 1D, zero flux J = (1/2) s p - (1/2) dp/dx = 0 means d log p / dx = s, so
-    p(x) = exp( integral_{x_0}^{x} s(u) du ) / Z. Integrate the score on the grid with the
-    trapezoid rule (cumulative), exponentiate, and normalise so that the trapezoid integral of
-    p over the grid is 1.
+    A learned score gives no log p, so no MALA (Section 2.4): the only control over ULA's bias
+    is the step size. Target N(m, C) in D dimensions. Derive and return the largest eps such
+    that along every eigen-direction of C the stationary variance of ULA exceeds the true one
+    by at most a relative ``tolerance``:  v_eps / v - 1 <= tolerance for every eigenvalue v.
+    Use the exact formula of Section 2.3, not its first-order form.
 
-    Signature: x (n,) increasing grid, score (n,) = s(x) -> p (n,) (non-negative, integrates
-    to 1).
-    Worked example: x = linspace(-6, 6, 1201), score = -x gives the N(0, 1) density, with
-    p(0) = 0.398942.
-    Hint: torch.cumulative_trapezoid(score, x) has n - 1 entries (prepend a 0); subtract the
-    maximum of the log density before exp to avoid overflow; torch.trapezoid(p, x) is Z.
+    Signature: cov (D, D) symmetric positive definite, tolerance > 0 -> float.
+    Worked example: C = diag(1, 4), tolerance = 0.01 gives eps = 0.0396040 (the direction with
+    variance 1 decides; the first-order answer 0.04 would give a 1.01% error there).
+    Hint: the relative error v_eps / v - 1 grows with eps and falls with v; solve the equality
+    for eps in the worst direction.
     """
-    # TODO: log_p = cumulative trapezoid of score (starting at 0); p = exp(log_p - max);
-    #       divide by torch.trapezoid(p, x)
-    raise NotImplementedError("Exercise 3.4: exercise_fokker_planck_stationary in "
+    # TODO: which eigen-direction is worst? Solve v_eps / v - 1 = tolerance for eps there
+    raise NotImplementedError("Exercise 3.4: exercise_step_size_for_tolerance in "
                               "03_langevin_dynamics.py")
 
 
@@ -1085,9 +1232,15 @@ def exercise_fokker_planck_stationary(x: Tensor, score: Tensor) -> Tensor:
 #   the Langevin particles; solved on a grid it tracks their histograms and converges to p.
 # - Distance to the target trades speed against bias: small steps are slow, large ULA steps
 #   are biased, MALA keeps large steps honest until its acceptance rate falls.
+# - Detailed balance, not merely an accept/reject step, is what makes p invariant: the same
+#   test without the q-ratio settles on a wrong variance.
+# - For score-based models this is the working reality: a learned score s_theta gives no log p,
+#   so MALA is unavailable and practitioners run ULA, choosing eps to keep its O(eps) bias small
+#   (Exercise 3.4).
 # - With well-separated modes the score inside each mode ignores the weights, so even exact-
 #   score Langevin returns the fraction of chains that started in each basin (about 0.5/0.5),
-#   not 0.8/0.2. Module 07 fixes this by annealing the noise level.
+#   not 0.8/0.2: crossing a 25-nat barrier takes ~e^25 time units. Module 07 fixes this by
+#   annealing the noise level.
 
 # %%
 def summary_rows(cfg: Config, bias: dict, samples: dict, sweeps: dict, fp: dict,
@@ -1095,12 +1248,18 @@ def summary_rows(cfg: Config, bias: dict, samples: dict, sweeps: dict, fp: dict,
     """(quantity, measured, expected) rows for the closing table."""
     v, rows = cfg.variance, []
     for r in bias["rows"]:
+        note = "; bias ~1 s.e.: unresolved" if r["closed_form"] - v < 2 * r["se"] else ""
         rows.append((f"ULA stationary variance, eps={r['step_size']:g}",
                      f"{r['ula']:.4f} +- {r['se']:.4f}",
-                     f"closed form {r['closed_form']:.4f}; true {v:g}"))
+                     f"closed form {r['closed_form']:.4f}; true {v:g}{note}"))
     for r in bias["rows"]:
         rows.append((f"MALA variance / acceptance, eps={r['step_size']:g}",
-                     f"{r['mala']:.4f} / {r['acceptance']:.3f}", f"true {v:g} / below 1"))
+                     f"{r['mala']:.4f} +- {r['se_mala']:.4f} / {r['acceptance']:.3f}",
+                     f"true {v:g} / falls from 1 as eps grows"))
+    rows.append(("MALA without q-ratio (wrong): variance, eps=" +
+                 ",".join(f"{r['step_size']:g}" for r in bias["rows"]),
+                 ", ".join(f"{r['naive']:.3f}" for r in bias["rows"]),
+                 f"not {v:g}; -> v/2 as eps -> 0 (s.e. ~{bias['rows'][-1]['se_naive']:.3f})"))
     rows.append((f"chi-square p-value vs N(0,{v:g}), eps={cfg.bias_step_sizes[-1]:g}",
                  f"ULA {_p_value(bias['p_ula'])}, MALA {_p_value(bias['p_mala'])}",
                  "ULA ~ 0 (biased); MALA > 1e-3"))
@@ -1110,6 +1269,10 @@ def summary_rows(cfg: Config, bias: dict, samples: dict, sweeps: dict, fp: dict,
                  f"{samples['ula_small'][-1]:.3f} / {samples['ula_large'][-1]:.3f} / "
                  f"{samples['mala_large'][-1]:.3f}",
                  f"floor {floor:.3f} +- {sweeps['floor_sd']:.3f}; ULA eps={large:g} above"))
+    (su, su_se), (sm, sm_se) = samples["spread_ula"], samples["spread_mala"]
+    rows.append((f"2D: spread around nearest mode, ULA / MALA eps={large:g}",
+                 f"{su:.3f} +- {su_se:.3f} / {sm:.3f} +- {sm_se:.3f}",
+                 f"exact {samples['spread_exact']:.3f}; ULA ~ +eps/4 = +{large / 4:.2f}"))
     rows.append((f"2D: MALA acceptance, eps={large:g}", f"{samples['acceptance']:.3f}",
                  "high, below 1"))
     sizes = ",".join(f"{e:g}" for e in cfg.sweep_step_sizes)
@@ -1122,7 +1285,8 @@ def summary_rows(cfg: Config, bias: dict, samples: dict, sweeps: dict, fp: dict,
     rows.append(("Fokker-Planck grid vs OU closed form at t=1 (L1)", f"{fp['ou_error']:.4f}",
                  "O(h^2 + dt): about 1e-3"))
     rows.append((f"Fokker-Planck grid, L1 to p at t={fp['times'][-1]:g}", f"{fp['l1_final']:.4f}",
-                 f"decays like exp(-{fp['gap']:.3f} t)"))
+                 f"{fp['l1_predicted']:.4f} = L1(t={fp['t_middle']:g}) "
+                 f"exp(-{fp['gap']:.3f} dt)"))
     times = ",".join(f"{t:g}" for t in fp["times"])
     rows.append((f"particles vs grid, L1 at t={times}",
                  ", ".join(f"{fp['l1_particles'][round(t / fp['dt'])]:.3f}"
@@ -1133,6 +1297,8 @@ def summary_rows(cfg: Config, bias: dict, samples: dict, sweeps: dict, fp: dict,
                  f"true 0.8 / 0.2; started in basin {basin[0]:.3f} / {basin[1]:.3f}"))
     rows.append(("mode weights recovered by MALA", f"{w_mala[0]:.3f} / {w_mala[1]:.3f}",
                  "true 0.8 / 0.2"))
+    rows.append(("barrier: log p(heavy mode) - min log p on the segment between modes",
+                 f"{modes['barrier']:.2f} nats", "~25 nats: crossing time ~e^25 ~ 1e11"))
     rows.append(("samples where the scores of 0.8/0.2 and 0.2/0.8 differ < 1e-6",
                  f"{100 * modes['same_score']:.1f}%", "~100%: the score ignores the weights"))
     return rows

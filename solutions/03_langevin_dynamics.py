@@ -42,9 +42,12 @@ def exercise_preconditioned_langevin_step(x: Tensor, score: Tensor, step_size: f
     return x + 0.5 * step_size * score @ M.T + math.sqrt(step_size) * noise @ chol.T
 
 
-def exercise_fokker_planck_stationary(x: Tensor, score: Tensor) -> Tensor:
-    """p = exp(cumulative trapezoid of s) / Z, normalised by the trapezoid rule on the grid."""
-    # log p(x_i) - log p(x_0) = integral_{x_0}^{x_i} s(u) du
-    log_p = torch.cat([score.new_zeros(1), torch.cumulative_trapezoid(score, x)])
-    p = torch.exp(log_p - log_p.max())  # subtract the maximum: no overflow
-    return p / torch.trapezoid(p, x)
+def exercise_step_size_for_tolerance(cov: Tensor, tolerance: float) -> float:
+    """eps = 4 lambda_min tolerance / (1 + tolerance).
+
+    Along an eigen-direction with variance v, v_eps / v - 1 = (eps/(4v)) / (1 - eps/(4v)) =: r.
+    r grows with eps/(4v), so the smallest eigenvalue is the worst direction; r = tolerance
+    gives eps/(4v) = tolerance / (1 + tolerance).
+    """
+    lam_min = torch.linalg.eigvalsh(cov).min().item()
+    return 4.0 * lam_min * tolerance / (1.0 + tolerance)

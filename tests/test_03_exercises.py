@@ -3,20 +3,20 @@
 Spoiler warning: the "wrong answers" below are near-solutions. Try the exercises first.
 
 Each check compares an implementation with ground truth (the exact variance recursion of the
-chain, the discrete Lyapunov equation solved by scipy, the update written out in matrix form,
-the exact mixture density) and explains what went wrong. ``exercise_tests`` turns the checks into
-three tests: the reference passes, every wrong answer below fails, and your answer passes (or is
-skipped while it still raises NotImplementedError).
+chain, the discrete Lyapunov equation solved by scipy, the update written out in matrix form, a
+bisection on the exact stationary covariance) and explains what went wrong. ``exercise_tests``
+turns the checks into three tests: the reference passes, every wrong answer below fails, and
+your answer passes (or is skipped while it still raises NotImplementedError).
 """
 
 import math
 
+import numpy as np
 import pytest
 import torch
-from scipy.linalg import solve_discrete_lyapunov
+from scipy.linalg import eigh, solve_discrete_lyapunov
 
 from common.exercises import Exercise, assert_close, exercise_tests
-from common.modules import load_module
 
 pytestmark = pytest.mark.ch03
 F64 = torch.float64
@@ -124,37 +124,58 @@ def drift_not_preconditioned(x, score, step_size, chol, noise):
     return x + 0.5 * step_size * score + math.sqrt(step_size) * noise @ chol.T
 
 
-# -- 3.4 stationary density of the Fokker-Planck equation ---------------------------------------
-def check_fokker_planck_stationary(fn):
-    x = torch.linspace(-6.0, 6.0, 1201, dtype=F64)
-    gaussian = torch.exp(-x**2 / 2) / math.sqrt(2 * math.pi)
-    assert_close(fn(x, -x), gaussian, rtol=1e-4, atol=1e-6,
-                 what="stationary density for the score -x (expected N(0, 1))",
-                 hint="p = exp(integral of s) / Z; check the sign and the normalisation")
-    target = load_module("03").mixture_1d()
-    score = target.score(x[:, None])[:, 0]
-    density = target.log_prob(x[:, None]).exp()
-    assert_close(fn(x, score), density, rtol=1e-3, atol=1e-5,
-                 what="stationary density of the 1D two-mode mixture of Section 4.4",
-                 hint="use the trapezoid rule for the integral of s (cumulative, starting at 0) "
-                      "and for Z")
+# -- 3.4 step size for a tolerance on the stationary variances ----------------------------------
+def _worst_relative_error(cov, eps):
+    """max over directions u of u^T S u / u^T C u - 1, S from the discrete Lyapunov equation."""
+    C = cov.numpy()
+    A = np.eye(len(C)) - 0.5 * eps * np.linalg.inv(C)
+    S = solve_discrete_lyapunov(A, eps * np.eye(len(C)))
+    return float(eigh(S, C, eigvals_only=True).max() - 1.0)  # generalised eigenvalues of (S, C)
 
 
-def minus_integral(x, score):
-    log_p = torch.cat([score.new_zeros(1), torch.cumulative_trapezoid(-score, x)])
-    p = torch.exp(log_p - log_p.max())
-    return p / torch.trapezoid(p, x)
+def _eps_by_bisection(cov, tolerance):
+    lo, hi = 0.0, 4.0 * float(np.linalg.eigvalsh(cov.numpy()).min()) * (1 - 1e-12)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _worst_relative_error(cov, mid) <= tolerance else (lo, mid)
+    return lo
 
 
-def not_normalised(x, score):
-    log_p = torch.cat([score.new_zeros(1), torch.cumulative_trapezoid(score, x)])
-    return torch.exp(log_p - log_p.max())
+def check_step_size_for_tolerance(fn):
+    gen = torch.Generator().manual_seed(8)
+    B = torch.randn(3, 3, generator=gen, dtype=F64)
+    rotated = B @ B.T + 0.3 * torch.eye(3, dtype=F64)  # non-diagonal: diag(C) is not the answer
+    cases = [(torch.diag(torch.tensor([1.0, 4.0], dtype=F64)), 0.01),
+             (torch.tensor([[2.0, 0.0], [0.0, 0.5]], dtype=F64), 0.05), (rotated, 0.2)]
+    for cov, tol in cases:
+        expected = _eps_by_bisection(cov, tol)
+        got = fn(cov, tol)
+        try:
+            got = float(got)
+        except (TypeError, ValueError):
+            raise AssertionError(f"expected a float step size, got {type(got).__name__}") from None
+        if not abs(got - expected) <= 1e-6 * expected:
+            error = (_worst_relative_error(cov, got) if 0 < got < 4 * float(
+                np.linalg.eigvalsh(cov.numpy()).min()) else float("inf"))
+            raise AssertionError(
+                f"step size for tolerance {tol} on C with eigenvalues "
+                f"{np.round(np.linalg.eigvalsh(cov.numpy()), 4).tolist()}: expected "
+                f"{expected:.7f}, got {got:.7f}; at your step size the worst relative variance "
+                f"error is {error:.5f} instead of {tol}.\n  hint: the smallest eigenvalue is "
+                f"the worst direction (not the diagonal of C), and v_eps / v - 1 = "
+                f"(eps/(4v)) / (1 - eps/(4v)) exactly; the first-order eps/(4v) is not enough")
 
 
-def cumsum_without_dx(x, score):
-    log_p = torch.cumsum(score, 0)
-    p = torch.exp(log_p - log_p.max())
-    return p / torch.trapezoid(p, x)
+def first_order_tolerance(cov, tolerance):
+    return 4.0 * torch.linalg.eigvalsh(cov).min().item() * tolerance
+
+
+def largest_eigenvalue(cov, tolerance):
+    return 4.0 * torch.linalg.eigvalsh(cov).max().item() * tolerance / (1.0 + tolerance)
+
+
+def smallest_diagonal_entry(cov, tolerance):
+    return 4.0 * cov.diagonal().min().item() * tolerance / (1.0 + tolerance)
 
 
 test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_tests("03", [
@@ -164,6 +185,6 @@ test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_test
              [first_order_only, entrywise_formula]),
     Exercise("exercise_preconditioned_langevin_step", check_preconditioned_langevin_step,
              [noise_uses_transpose, noise_scaled_by_m, drift_not_preconditioned]),
-    Exercise("exercise_fokker_planck_stationary", check_fokker_planck_stationary,
-             [minus_integral, not_normalised, cumsum_without_dx]),
+    Exercise("exercise_step_size_for_tolerance", check_step_size_for_tolerance,
+             [first_order_tolerance, largest_eigenvalue, smallest_diagonal_entry]),
 ])

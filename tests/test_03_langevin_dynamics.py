@@ -62,6 +62,8 @@ def test_step_size_is_validated(m03):
         next(m03.langevin(lambda x: -x, x0, torch.ones(3), 3))
     with pytest.raises(ValueError, match="stable only"):
         m03.ula_stationary_variance(1.0, 4.0)
+    # a tiny positive step is valid (no float32 underflow in the check): the chain barely moves
+    assert next(m03.langevin(lambda x: -x, x0, 1e-300, 1)).abs().max() < 1e-140
 
 
 def test_closed_form_is_the_fixed_point_of_the_variance_recursion(m03):
@@ -160,6 +162,29 @@ def test_mala_preserves_the_target_histogram(m03):
     assert p_mala > 1e-3, f"MALA histogram rejected: chi2 = {stat:.1f} on {dof} dof"
     assert m03.chi_square_test(x_ula[:, 0], cdf, edges)[2] < 1e-6
     assert 0.3 < acc.mean() < 0.95  # a step that really gets rejected sometimes
+
+
+def test_mala_without_q_ratio_samples_the_wrong_variance(m03):
+    """Section 2.4 / 4.1: the plain Metropolis test with the Langevin proposal is not invariant
+    for N(0, 1); its variance goes to about v/2 for small eps (the drift is counted twice),
+    while MALA's stays at v. 20,000 chains: s.e. of a variance ~ 0.01."""
+    gen = torch.Generator().manual_seed(12)
+    x0 = torch.randn(20_000, 1, generator=gen, dtype=F64)  # start at the target
+    score, log_prob = (lambda x: -x), (lambda x: -0.5 * x[:, 0].square())
+    x_good, _ = m03.mala_sample(log_prob, score, x0, 0.2, 150, gen)
+    x_bad, _ = m03.mala_sample(log_prob, score, x0, 0.2, 150, gen, q_ratio=False)
+    assert abs(x_good.var().item() - 1.0) < 0.05
+    assert abs(x_bad.var().item() - 0.5) < 0.06, x_bad.var().item()
+
+
+def test_mode_spread_sees_ula_bias(m03):
+    """Spread around the nearest mode: exact samples vs ULA at eps = 0.4 (+ about eps/4)."""
+    target, gen = m03.mixture_2d(), torch.Generator().manual_seed(13)
+    exact, se = m03.mode_spread(target.sample(20_000, gen, dtype=F64), target)
+    x0 = target.sample(4000, gen, dtype=F64)
+    *_, x = m03.langevin(target.score, x0, 0.4, 100, gen)
+    ula, se_ula = m03.mode_spread(x, target)
+    assert 0.06 < ula - exact < 0.14 and se_ula < 0.015
 
 
 def test_chi_square_test_on_exact_samples(m03, gen):
@@ -270,13 +295,14 @@ def test_main_quick_writes_every_figure(m03, tmp_path, capsys):
     for name in ("ula_bias_1d_gaussian", "samples_2d_mixture", "distance_vs_step_size_and_steps",
                  "fokker_planck_vs_particles", "mode_weights_pitfall"):
         assert (folder / f"{name}.png").stat().st_size > 10_000, name
-    assert "mode weights recovered by ULA" in out and "exercise_fokker_planck_stationary" in out
+    assert "mode weights recovered by ULA" in out and "exercise_step_size_for_tolerance" in out
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--chains", "0"], "must be an integer >= 10"),
     (["--step-size", "abc"], "must be a number"),
     (["--step-size", "5"], "stable only for eps < 1.20"),
+    (["--chains", "100000000"], "must be at most 200,000"),
 ])
 def test_bad_flags_exit_with_a_clear_message(m03, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as info:
