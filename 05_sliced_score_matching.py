@@ -19,28 +19,29 @@ LEARNING OBJECTIVES:
 
 MATHEMATICAL BACKGROUND:
   Notation: data density p on R^D with score s_p; model score s_theta: R^D -> R^D with Jacobian
-  J(x) = grad_x s_theta(x), J_ij = d s_i / d x_j; |a|^2 = a^T a; ||A||_F^2 = sum_ij A_ij^2.
-  Projections v in R^D are random with E[v v^T] = I (Gaussian N(0, I), or Rademacher: each
-  entry +1 or -1 with probability 1/2).
+  K(x) = grad_x s_theta(x), K_ij = d s_i / d x_j (J_... always names an objective, as in module
+  02); |a|^2 = a^T a; ||A||_F^2 = sum_ij A_ij^2 (subscript F: Frobenius; the Fisher divergence
+  is F(p, p_theta)). Projections v in R^D are random with E[v v^T] = I (Gaussian N(0, I), or
+  Rademacher: each entry +1 or -1 with probability 1/2).
 
-- Implicit SM (module 02):  J_ISM(theta) = E_p[ tr J(x) + 1/2 |s_theta(x)|^2 ]
+- Implicit SM (module 02):  J_ISM(theta) = E_p[ tr K(x) + 1/2 |s_theta(x)|^2 ]
                             = F(p, p_theta) - 1/2 E_p|s_p|^2,  F = 1/2 E_p |s_theta - s_p|^2
-- Hutchinson:               tr A = E_v[ v^T A v ]   (any v with E[v v^T] = I)
+- Hutchinson:               tr A = E_v[ v^T A v ]   (any fixed A, any v with E[v v^T] = I)
   Only S = (A + A^T)/2 matters (v^T A v = v^T S v), and for one probe
                             Var_Gauss      = 2 ||S||_F^2
                             Var_Rademacher = 2 ( ||S||_F^2 - sum_i S_ii^2 )   (<= Var_Gauss)
                             (mean of M probes: divide by M)
-- Sliced SM:                J_SSM(theta)    = E_p E_v[ v^T J v + 1/2 (v^T s_theta)^2 ]
-- Variance-reduced SSM:     J_SSM-VR(theta) = E_p E_v[ v^T J v + 1/2 |s_theta|^2 ]
-  Both equal J_ISM, because E_v[v^T J v] = tr J and E_v[(v^T s)^2] = s^T E[v v^T] s = |s|^2.
-- SSM is Hutchinson in disguise:  v^T J v + 1/2 (v^T s)^2 = v^T B v,  B = J + 1/2 s s^T,
-  so at fixed x its projection variance is the Hutchinson variance of B (of J for SSM-VR).
+- Sliced SM:                J_SSM(theta)    = E_p E_v[ v^T K v + 1/2 (v^T s_theta)^2 ]
+- Variance-reduced SSM:     J_SSM-VR(theta) = E_p E_v[ v^T K v + 1/2 |s_theta|^2 ]
+  Both equal J_ISM, because E_v[v^T K v] = tr K and E_v[(v^T s)^2] = s^T E[v v^T] s = |s|^2.
+- SSM is Hutchinson in disguise:  v^T K v + 1/2 (v^T s)^2 = v^T B v,  B = K + 1/2 s s^T,
+  so at fixed x its projection variance is the Hutchinson variance of B (of K for SSM-VR).
   With |s|^2 ~ D, ||1/2 s s^T||_F^2 = |s|^4 / 4 grows like D^2: VR removes that term.
-- One backward pass:        grad_x (v^T s_theta(x)) = J^T v   =>   v^T J v = v^T (J^T v)
+- One backward pass:        grad_x (v^T s_theta(x)) = K^T v   =>   v^T K v = v^T (K^T v)
 - Gaussian test bed:        p = N(mu, Sigma), s_p(x) = -Sigma^{-1}(x - mu);  linear model
-  s(x) = W x + b:           F = 1/2 [ tr(A Sigma A^T) + |W mu + b|^2 ],  A = W + Sigma^{-1}
+  s(x) = W x + b:           F = 1/2 [ tr(G Sigma G^T) + |W mu + b|^2 ],  G = W + Sigma^{-1}
   DSM's minimiser is the score of N(mu, Sigma + sigma^2 I), a floor under its Fisher divergence:
-                            F_floor = 1/2 tr(Sigma Delta^2),
+                            F_floor(sigma) = 1/2 tr(Sigma Delta^2),
                             Delta = (Sigma + sigma^2 I)^{-1} - Sigma^{-1}
 
 IMPLEMENTATION NOTES:
@@ -54,8 +55,10 @@ IMPLEMENTATION NOTES:
   no sampling), and DSM's bias has a closed form too.
 - Everything runs on the CPU in float32 (training) or float64 (checks against closed forms),
   whatever --device says: the models are tiny, and the timing benchmark is about CPU cost.
-- Timings are wall-clock medians after a warm-up; the slowest cases (exact ISM at D >= 500) are
-  timed once. They depend on the machine and its load and are printed, never asserted.
+- Timings are best-of-k wall times (the minimum is the least disturbed by other processes),
+  after a warm-up call; k is set from the time of a second call, so the slowest cases (exact ISM
+  at D >= 500) are timed once or twice. They depend on the machine and its load and are
+  printed, never asserted.
 - A default run takes about 1-1.5 minutes on a 2-core laptop CPU; --quick about 10 seconds.
 
 Run:
@@ -63,7 +66,7 @@ Run:
     python 05_sliced_score_matching.py --quick     # a smaller sweep and fit, about 10 seconds
     python 05_sliced_score_matching.py --projection rademacher --steps 3000
     pytest tests/test_05_sliced_score_matching.py  # the equations of this module, checked
-    pytest tests/test_05_exercises.py              # check your answers to the exercises
+    pytest tests/test_05_exercises.py -k your_answer   # check your answers to the exercises
 
 References:
 - Y. Song, S. Garg, J. Shi, S. Ermon (2019), Sliced score matching: a scalable approach to
@@ -89,8 +92,8 @@ References:
 # %%
 from __future__ import annotations
 
+import argparse
 import math
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -100,8 +103,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from common.cli import int_at_least, positive_int, start_run
 from common.cli import make_parser as shared_parser
-from common.cli import positive_int, start_run
 from common.datasets import GaussianMixture
 from common.modules import load_module
 
@@ -114,6 +117,7 @@ sm02 = load_module("02")  # ism_loss, dsm_loss, fisher_divergence, mlp_score_net
 
 PROJECTIONS = ("gaussian", "rademacher")
 F64 = torch.float64  # for every comparison with a closed form
+MAX_FIT_DIM = 1000  # exact ISM on a D x D linear model: memory and time grow like D^2 and more
 
 
 @dataclass
@@ -125,7 +129,7 @@ class Config:
     # projection noise against the number of projections M (4.2)
     var_points: int = 16  # data points x at which the projection variance is measured
     var_repeats: int = 48  # independent M-projection estimates per point
-    var_projections: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    var_projections: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     # fitting a 100-dimensional Gaussian (4.3)
     fit_dim: int = 100
     fit_batch: int = 128
@@ -138,7 +142,7 @@ class Config:
     timing_dims: tuple[int, ...] = (2, 10, 50, 100, 250, 500, 1000)
     timing_batch: int = 64
     timing_hidden: int = 128
-    timing_repeats: int = 7  # median of at most this many timed steps...
+    timing_repeats: int = 7  # best of at most this many timed steps...
     timing_budget: float = 0.5  # ...and of at most this many seconds per (method, D)
 
     @classmethod
@@ -158,10 +162,21 @@ def make_parser():
                              "fitting experiment")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="training steps of each fit (default: 1500, or 150 with --quick)")
-    parser.add_argument("--fit-dim", type=positive_int, default=None,
-                        help="dimension D of the Gaussian target of the fitting experiment "
-                             "(default: 100, or 20 with --quick)")
+    parser.add_argument("--fit-dim", type=fit_dim_arg, default=None,
+                        help="dimension D of the Gaussian target of the fitting experiment, at "
+                             f"most {MAX_FIT_DIM} (default: 100, or 20 with --quick); the linear "
+                             "model has D^2 + D parameters and exact ISM takes D backward passes "
+                             "per step, so its cost grows like D^2 or faster")
     return parser
+
+
+def fit_dim_arg(text: str) -> int:
+    """argparse type for --fit-dim: an integer in [1, MAX_FIT_DIM] (a one-line error otherwise)."""
+    value = int_at_least(1)(text)
+    if value > MAX_FIT_DIM:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_FIT_DIM} (the fit's cost grows "
+                                         f"like D^2 or faster), got {text}")
+    return value
 
 
 # %% [markdown]
@@ -169,17 +184,23 @@ def make_parser():
 #
 # ## 2.1 Where module 02 left us
 # Implicit score matching (Hyvarinen 2005) fits a model score $s_\theta$ to samples of $p$ with
-# $$ J_{\mathrm{ISM}}(\theta) = \mathbb{E}_p\Big[\operatorname{tr} J(x)
-#    + \tfrac12 |s_\theta(x)|^2\Big], \qquad J(x) = \nabla_x s_\theta(x), $$
+# $$ J_{\mathrm{ISM}}(\theta) = \mathbb{E}_p\Big[\operatorname{tr} K(x)
+#    + \tfrac12 |s_\theta(x)|^2\Big], \qquad K(x) = \nabla_x s_\theta(x),
+#    \quad K_{ij} = \partial s_i / \partial x_j , $$
 # which equals the Fisher divergence
 # $F(p, p_\theta) = \tfrac12 \mathbb{E}_p |s_\theta - s_p|^2$ minus the constant
-# $\tfrac12 \mathbb{E}_p |s_p|^2$. The trouble is the trace. Reverse-mode autograd gives one
-# vector-Jacobian product $u^\top J$ per backward pass; the trace needs every diagonal entry
-# $\partial s_i / \partial x_i$, hence $D$ backward passes ($u = e_1, \dots, e_D$), and training
-# differentiates through all of them. For a $28 \times 28$ image that is 784 backward passes per
-# step. Denoising score matching avoids derivatives of $s_\theta$ altogether, but learns the
-# score of the *noisy* density. Sliced score matching keeps the exact objective and makes the
-# trace cheap.
+# $\tfrac12 \mathbb{E}_p |s_p|^2$. (Letters: $J_{\dots}$ always names an objective, as in
+# module 02, and $K$ is the model's Jacobian; the subscript in $\|\cdot\|_F$ means Frobenius.)
+# The trouble is the trace. Reverse-mode autograd (what `.backward()` and
+# `torch.autograd.grad` do) computes a **vector-Jacobian product**: given the outputs $s$ and a
+# vector $u$ of the same shape, `torch.autograd.grad((u * s).sum(), x)` returns the row vector
+# $u^\top K$, the gradient of the scalar $u^\top s$, for the price of one backward pass. It
+# never returns $K$ itself. The trace needs every diagonal entry $\partial s_i / \partial x_i$,
+# hence $D$ backward passes ($u = e_1, \dots, e_D$, row $i$ of $K$ each time), and training
+# then differentiates through all of them. For a $28 \times 28$ image that is 784 backward
+# passes per step. Denoising score matching avoids derivatives of $s_\theta$ altogether, but
+# learns the score of the *noisy* density. Sliced score matching keeps the exact objective and
+# makes the trace cheap.
 #
 # ## 2.2 Hutchinson's trace estimator
 # Let $v$ be a random vector with $\mathbb{E}[v v^\top] = I$. For any fixed matrix $A$,
@@ -194,13 +215,22 @@ def make_parser():
 # $v^\top A^\top v$, and hence $v^\top A v = v^\top S v$ with $S = \tfrac12 (A + A^\top)$. The
 # Jacobian of a score *network* is not symmetric in general, so this matters below.
 #
-# **The variances.** Gaussian: write $S = Q \Lambda Q^\top$; then $w = Q^\top v$ is again
-# $\mathcal{N}(0, I)$ and $v^\top S v = \sum_k \lambda_k w_k^2$, a weighted sum of independent
-# $\chi^2_1$ variables, each of variance 2:
-# $$ \operatorname{Var}_{\mathrm{Gauss}}(v^\top A v) = 2 \sum_k \lambda_k^2 = 2\, \|S\|_F^2 . $$
+# **The variances.** Gaussian: $S$ is symmetric, so $S = Q \Gamma Q^\top$ with $Q$ orthogonal
+# and $\Gamma = \operatorname{diag}(\gamma_1, \dots, \gamma_D)$ its eigenvalues. Then
+# $w = Q^\top v$ is Gaussian with mean 0 and covariance $Q^\top \mathbb{E}[v v^\top] Q =
+# Q^\top Q = I$: again $\mathcal{N}(0, I)$, so its entries are independent standard normals.
+# In these coordinates $v^\top S v = w^\top \Gamma w = \sum_k \gamma_k w_k^2$. A standard
+# normal has $\mathbb{E} w_k^2 = 1$ and $\mathbb{E} w_k^4 = 3$, so
+# $\operatorname{Var} w_k^2 = 3 - 1 = 2$, and variances of independent terms add:
+# $$ \operatorname{Var}_{\mathrm{Gauss}}(v^\top A v) = \sum_k \gamma_k^2 \cdot 2
+#    = 2\, \|S\|_F^2 \qquad (\textstyle\sum_k \gamma_k^2 = \operatorname{tr} S^2
+#    = \|S\|_F^2). $$
 # Rademacher: $v_i^2 = 1$ always, so the diagonal contributes the constant $\sum_i S_{ii}$ and
 # only the off-diagonal terms fluctuate: $v^\top S v = \sum_i S_{ii} + 2 \sum_{i<j} S_{ij} v_i v_j$.
-# The products $v_i v_j$ ($i<j$) are $\pm 1$, uncorrelated with each other, with variance 1:
+# Each product $v_i v_j$ ($i<j$) is $\pm 1$ with mean 0 and variance 1. Two different products
+# are uncorrelated: $\mathbb{E}[v_i v_j\, v_k v_l] = 0$ unless the pairs are equal, because a
+# distinct pair shares at most one index, so some $v$ appears exactly once and its mean 0
+# factors out by independence. Uncorrelated variances add, so
 # $$ \operatorname{Var}_{\mathrm{Rademacher}}(v^\top A v) = 4 \sum_{i<j} S_{ij}^2
 #    = 2\Big(\|S\|_F^2 - \sum_i S_{ii}^2\Big) . $$
 # Rademacher probes are therefore never worse than Gaussian ones, and much better when the
@@ -212,9 +242,9 @@ def make_parser():
 #
 # ## 2.3 Sliced score matching
 # Apply Hutchinson to the Jacobian inside ISM, and also to $|s|^2 = \operatorname{tr}(s s^\top)$:
-# $$ J_{\mathrm{SSM}}(\theta) = \mathbb{E}_{p}\, \mathbb{E}_{v}\Big[v^\top J(x)\, v
+# $$ J_{\mathrm{SSM}}(\theta) = \mathbb{E}_{p}\, \mathbb{E}_{v}\Big[v^\top K(x)\, v
 #    + \tfrac12 \big(v^\top s_\theta(x)\big)^2\Big] . $$
-# Because $\mathbb{E}_v[v^\top J v] = \operatorname{tr} J$ and
+# Because $\mathbb{E}_v[v^\top K v] = \operatorname{tr} K$ and
 # $\mathbb{E}_v[(v^\top s)^2] = s^\top \mathbb{E}[v v^\top] s = |s|^2$, this is *exactly*
 # $J_{\mathrm{ISM}}$: same value, same minimiser, same gradient in expectation. Song et al.
 # (2019) derived it differently, as the Fisher divergence of one-dimensional projections
@@ -223,7 +253,7 @@ def make_parser():
 #
 # **Variance reduction.** The second term does not need a projection: $|s_\theta|^2$ is known
 # exactly. Replacing $\tfrac12 (v^\top s)^2$ by its expectation gives
-# $$ J_{\mathrm{SSM\text{-}VR}}(\theta) = \mathbb{E}_{p}\, \mathbb{E}_{v}\Big[v^\top J(x)\, v
+# $$ J_{\mathrm{SSM\text{-}VR}}(\theta) = \mathbb{E}_{p}\, \mathbb{E}_{v}\Big[v^\top K(x)\, v
 #    + \tfrac12 |s_\theta(x)|^2\Big], $$
 # again equal to $J_{\mathrm{ISM}}$, with the main source of noise in high dimension removed
 # (2.4 says how much). Any projections with $\mathbb{E}[v v^\top] = I$ will do; the paper states
@@ -231,48 +261,65 @@ def make_parser():
 #
 # ## 2.4 How noisy are they? SSM is Hutchinson in disguise
 # At a fixed data point $x$ the SSM integrand is one quadratic form,
-# $$ v^\top J v + \tfrac12 (v^\top s)^2 = v^\top B\, v, \qquad B = J + \tfrac12\, s s^\top, $$
-# whose trace is $\operatorname{tr} J + \tfrac12 |s|^2$, the ISM integrand. So its variance over
+# $$ v^\top K v + \tfrac12 (v^\top s)^2 = v^\top B\, v, \qquad B = K + \tfrac12\, s s^\top, $$
+# whose trace is $\operatorname{tr} K + \tfrac12 |s|^2$, the ISM integrand. So its variance over
 # $v$ is the Hutchinson variance of $B$ from 2.2, and that of SSM-VR is the Hutchinson variance of
-# $J$. For Gaussian $v$ the two differ by
+# $K$. Both depend only on symmetric parts: $K_S = \tfrac12 (K + K^\top)$ for $K$, and
+# $K_S + \tfrac12 s s^\top$ for $B$ ($s s^\top$ is already symmetric). For Gaussian $v$, expand
+# the squared Frobenius norm with $\|X + Y\|_F^2 = \|X\|_F^2 + 2 \operatorname{tr}(X Y)
+# + \|Y\|_F^2$ (for symmetric $X$, $Y$), using $\operatorname{tr}(K_S\, s s^\top)
+# = s^\top K_S s = s^\top K s$ and $\|s s^\top\|_F^2 = |s|^4$:
 # $$ \operatorname{Var}_{\mathrm{SSM}} - \operatorname{Var}_{\mathrm{SSM\text{-}VR}}
-#    = 2\big(\|J_S + \tfrac12 s s^\top\|_F^2 - \|J_S\|_F^2\big)
-#    = 2\, s^\top J s + \tfrac12 |s|^4 \qquad (J_S = \tfrac12 (J + J^\top)). $$
+#    = 2\big(\|K_S + \tfrac12 s s^\top\|_F^2 - \|K_S\|_F^2\big)
+#    = 2\, s^\top K s + \tfrac12 |s|^4 . $$
 # For a model close to the truth $\mathbb{E}_p|s|^2 \approx \mathbb{E}_p|s_p|^2$, about $D$ for
-# data of unit scale, so the $\tfrac12 |s|^4$ term grows like $D^2$ while $\|J\|_F^2$ grows like
-# $D$: in high dimension plain SSM is far noisier than SSM-VR. (Not at every point: near a mode
-# $|s|$ is small and $s^\top J s < 0$, and there plain SSM can be the quieter one. At the optimum
-# of a Gaussian target, averaged over $x$, the difference is
-# $\tfrac12 (\operatorname{tr}\Sigma^{-1})^2 - \operatorname{tr}\Sigma^{-2}$: negative in one
-# dimension, about $D^2/2$ in many.) Even exact ISM is noisy: a minibatch of data points varies.
-# Once the projection noise is below that data noise, more projections buy little.
+# data of unit scale, so the $\tfrac12 |s|^4$ term grows like $D^2$ while $\|K\|_F^2$ grows like
+# $D$: in high dimension plain SSM is far noisier than SSM-VR. Not at every point, though: near a
+# mode $|s|$ is small and $s^\top K s < 0$, and there plain SSM can be the quieter one. Averaged
+# over $x$ at the optimum of a Gaussian target ($s = s_p$, $K = -P$ with $P = \Sigma^{-1}$),
+# $s_p(x) = -P(x - \mu)$ is $\mathcal{N}(0, P)$, so $\mathbb{E}\, s^\top K s = -\operatorname{tr}
+# (P \cdot P) = -\operatorname{tr} P^2$ and, by the Gaussian fourth moment,
+# $\mathbb{E}|s|^4 = (\operatorname{tr} P)^2 + 2 \operatorname{tr} P^2$. The difference is
+# $$ -2 \operatorname{tr} P^2 + \tfrac12 (\operatorname{tr} P)^2 + \operatorname{tr} P^2
+#    = \tfrac12 (\operatorname{tr}\Sigma^{-1})^2 - \operatorname{tr}\Sigma^{-2} . $$
+# It is about $D^2/2$ in many dimensions, but negative in one ($-\tfrac12 P^2$), and in two,
+# with eigenvalues $a, b$ of $P$, it is $\tfrac12 (a+b)^2 - a^2 - b^2 = -\tfrac12 (a - b)^2
+# \le 0$: in low dimension VR does not help. Even exact ISM is noisy: a minibatch of data points
+# varies. Once the projection noise is below that data noise, more projections buy little.
 #
 # ## 2.5 The cost: one vector-Jacobian product
 # Here is the trick that makes SSM cheap. The scalar $v^\top s_\theta(x)$ has gradient
-# $$ \nabla_x \big(v^\top s_\theta(x)\big) = J(x)^\top v
-#    \quad\Longrightarrow\quad v^\top J(x)\, v = v^\top \big(J(x)^\top v\big), $$
-# so **one** backward pass (`torch.autograd.grad` of $v^\top s$ with respect to $x$) followed by a
-# dot product gives $v^\top J v$, whatever $D$ is. For a batch, differentiate
-# $\sum_n v_n^\top s_\theta(x_n)$: sample $n$'s score depends only on $x_n$, so the gradient's
-# row $n$ is $J(x_n)^\top v_n$. A forward-mode Jacobian-vector product $J v$ works equally well
-# (Exercise 5.3). Training differentiates the result once more with respect to $\theta$
-# (`create_graph=True`): a double backward, still a constant number of passes. Exact ISM needs
-# $D$ such passes; DSM needs none (one forward, one backward for the parameters).
+# $$ \nabla_x \big(v^\top s_\theta(x)\big) = K(x)^\top v
+#    \quad\Longrightarrow\quad v^\top K(x)\, v = v^\top \big(K(x)^\top v\big), $$
+# so **one** vector-Jacobian product (`torch.autograd.grad` of $v^\top s$ with respect to $x$,
+# one backward pass) followed by a dot product gives $v^\top K v$, whatever $D$ is. For a batch,
+# differentiate $\sum_n v_n^\top s_\theta(x_n)$: sample $n$'s score depends only on $x_n$, so the
+# gradient's row $n$ is $K(x_n)^\top v_n$. Forward-mode autograd works equally well: it pushes a
+# tangent direction $v$ through the network alongside $x$ and returns the **Jacobian-vector
+# product** $K v$ (the directional derivative of $s$ along $v$) in one forward sweep, with no
+# backward pass (Exercise 5.3). Training then differentiates the result once more, with respect
+# to $\theta$: autograd must record the first backward pass as a graph of its own
+# (`create_graph=True`) and then backpropagate through it, a **double backward**. That costs a
+# small constant number of passes. Exact ISM needs $D$ such passes; DSM needs none (one forward,
+# one backward for the parameters).
 #
 # ## 2.6 A high-dimensional test bed with exact answers
 # The target is $p = \mathcal{N}(\mu, \Sigma)$ in $D = 100$ dimensions with a random rotation and
-# eigenvalues between 0.5 and 2, so $s_p(x) = -\Sigma^{-1}(x - \mu)$. The model is linear,
-# $s(x) = W x + b$ ($D^2 + D = 10{,}100$ parameters), which contains the truth. Its Jacobian is
-# $W$ everywhere, and with $A = W + \Sigma^{-1}$ the score error is
-# $s - s_p = A (x - \mu) + (W\mu + b)$, so
-# $$ F(p, p_\theta) = \tfrac12\Big[\operatorname{tr}(A \Sigma A^\top) + |W \mu + b|^2\Big], $$
-# exactly, with no sampling. ISM, SSM and SSM-VR all have the truth ($F = 0$) as their minimiser.
-# DSM with noise $\sigma$ has the score of $\mathcal{N}(\mu, \Sigma + \sigma^2 I)$ as its
-# minimiser, $W = -(\Sigma + \sigma^2 I)^{-1}$, $b = -W \mu$, so however long it trains it cannot
-# get below
+# eigenvalues $\lambda_k$ between 0.5 and 2, so $s_p(x) = -\Sigma^{-1}(x - \mu)$. The model is
+# linear, $s(x) = W x + b$ ($D^2 + D = 10{,}100$ parameters), which contains the truth. Its
+# Jacobian is $K = W$ everywhere, and with the error matrix $G = W + \Sigma^{-1}$ the score error
+# is $s - s_p = G (x - \mu) + (W\mu + b)$, so
+# $$ F(p, p_\theta) = \tfrac12\Big[\operatorname{tr}(G \Sigma G^\top) + |W \mu + b|^2\Big], $$
+# exactly, with no sampling. At the start of training ($W = 0$, $b = 0$: $G = \Sigma^{-1}$) this
+# is $\tfrac12 \operatorname{tr}\Sigma^{-1}$. ISM, SSM and SSM-VR all have the truth ($F = 0$)
+# as their minimiser. DSM with noise $\sigma$ has the score of $\mathcal{N}(\mu, \Sigma +
+# \sigma^2 I)$ as its minimiser, $W = -(\Sigma + \sigma^2 I)^{-1}$, $b = -W \mu$, so however long
+# it trains it cannot get below
 # $$ F_{\mathrm{floor}}(\sigma) = \tfrac12 \operatorname{tr}\big(\Sigma\, \Delta^2\big),
-#    \qquad \Delta = (\Sigma + \sigma^2 I)^{-1} - \Sigma^{-1}
-#    \quad\Big(= \sum_k \frac{\sigma^4}{2\lambda_k (\lambda_k + \sigma^2)^2}\Big). $$
+#    \qquad \Delta = (\Sigma + \sigma^2 I)^{-1} - \Sigma^{-1} . $$
+# It grows with $\sigma$, from 0 towards $\tfrac12 \operatorname{tr}\Sigma^{-1}$ (for huge
+# $\sigma$ DSM learns $s \approx 0$, the starting point). Exercise 5.4 turns it around: which
+# $\sigma$ keeps the floor below a given accuracy?
 
 # %% [markdown]
 # # Section 3: Implementation
@@ -338,19 +385,19 @@ def hutchinson_variance(A: Tensor, kind: str = "gaussian") -> Tensor:
 
 
 # %% [markdown]
-# ## 3.3 $v^\top J v$ with one vector-Jacobian product (Section 2.5)
+# ## 3.3 $v^\top K v$ with one vector-Jacobian product (Section 2.5)
 # `score_and_vjv` is the heart of the module: one forward pass for $s$, one backward pass for
-# $J^\top v$, one dot product. `jacobian` builds the full $D \times D$ Jacobian of every sample
+# $K^\top v$, one dot product. `jacobian` builds the full $D \times D$ Jacobian of every sample
 # (with $D$ backward passes, vectorised by `torch.autograd.functional.jacobian`); we use it only
-# to check $v^\top J v$ and to evaluate closed-form variances, never to train.
+# to check $v^\top K v$ and to evaluate closed-form variances, never to train.
 
 # %%
 def score_and_vjv(score_fn: ScoreFn, x: Tensor, v: Tensor,
                   create_graph: bool = False) -> tuple[Tensor, Tensor]:
-    """s(x) and v^T J(x) v for every row, with ONE backward pass.   x, v: (N, D) -> (N, D), (N,).
+    """s(x) and v^T K(x) v for every row, with ONE backward pass.   x, v: (N, D) -> (N, D), (N,).
 
-    grad_x sum_n v_n^T s(x_n) has row n equal to J(x_n)^T v_n (rows are independent), and
-    v_n^T (J(x_n)^T v_n) = v_n^T J(x_n) v_n. ``create_graph=True`` keeps the result
+    grad_x sum_n v_n^T s(x_n) has row n equal to K(x_n)^T v_n (rows are independent), and
+    v_n^T (K(x_n)^T v_n) = v_n^T K(x_n) v_n, K = grad_x s. ``create_graph=True`` keeps the result
     differentiable in the parameters of ``score_fn`` (training).
     """
     with torch.enable_grad():  # also works when called under torch.no_grad()
@@ -359,15 +406,15 @@ def score_and_vjv(score_fn: ScoreFn, x: Tensor, v: Tensor,
         if s.shape != x.shape:
             raise ValueError(f"score_fn must map (N, D) to (N, D); got {tuple(x.shape)} -> "
                              f"{tuple(s.shape)}")
-        # The one vector-Jacobian product: grad_x (sum_n v_n^T s_n) = (J_n^T v_n)_n
+        # The one vector-Jacobian product: grad_x (sum_n v_n^T s_n) = (K_n^T v_n)_n
         (jtv,) = torch.autograd.grad((v * s).sum(), x, create_graph=create_graph)
-    return s, (v * jtv).sum(1)  # v^T (J^T v) = v^T J v
+    return s, (v * jtv).sum(1)  # v^T (K^T v) = v^T K v
 
 
 def jacobian(score_fn: ScoreFn, x: Tensor) -> Tensor:
-    """The full Jacobian J[n, i, j] = d s_i(x_n) / d x_j of every sample.   (N, D) -> (N, D, D).
+    """The full Jacobian K[n, i, j] = d s_i(x_n) / d x_j of every sample.   (N, D) -> (N, D, D).
 
-    Differentiates sum_n s(x_n) (D outputs): since rows are independent, d/dx_n of it is J(x_n).
+    Differentiates sum_n s(x_n) (D outputs): since rows are independent, d/dx_n of it is K(x_n).
     Costs D (vectorised) backward passes: for checks and closed forms only.
     """
     jac = torch.autograd.functional.jacobian(lambda z: score_fn(z).sum(0), x.detach(),
@@ -388,12 +435,12 @@ def ssm_objective(score_fn: ScoreFn, x: Tensor, v: Tensor, variance_reduced: boo
                   create_graph: bool = False) -> Tensor:
     """Per-sample SSM integrand for given projections.
 
-        SSM:    v^T J(x) v + 1/2 (v^T s(x))^2
-        SSM-VR: v^T J(x) v + 1/2 |s(x)|^2
+        SSM:    v^T K(x) v + 1/2 (v^T s(x))^2
+        SSM-VR: v^T K(x) v + 1/2 |s(x)|^2
 
     x: (N, D); v: (N, D), or (M, N, D) for M projections of every point.
     Returns v.shape[:-1], i.e. (N,) or (M, N). Its mean over v is the ISM integrand
-    tr J(x) + 1/2 |s(x)|^2 (unbiased).
+    tr K(x) + 1/2 |s(x)|^2 (unbiased), K = grad_x s.
     """
     D = x.shape[-1]
     x_rep = x.expand(v.shape).reshape(-1, D)  # point n repeated once per projection
@@ -429,15 +476,15 @@ def ssm_vr_loss(score_fn: ScoreFn, x: Tensor, **kwargs) -> Tensor:
     return ssm_loss(score_fn, x, variance_reduced=True, **kwargs)
 
 
-def ssm_projection_variance(J: Tensor, s: Tensor, kind: str = "gaussian",
+def ssm_projection_variance(K: Tensor, s: Tensor, kind: str = "gaussian",
                             variance_reduced: bool = False) -> Tensor:
     """Closed-form variance over v of one projection's SSM integrand at fixed x (Section 2.4).
 
-    J: (N, D, D) Jacobians, s: (N, D) scores -> (N,). SSM is Hutchinson's estimator for
-    B = J + 1/2 s s^T; SSM-VR for B = J (the 1/2 |s|^2 term is exact). The mean of M
+    K: (N, D, D) Jacobians grad_x s, s: (N, D) scores -> (N,). SSM is Hutchinson's estimator
+    for B = K + 1/2 s s^T; SSM-VR for B = K (the 1/2 |s|^2 term is exact). The mean of M
     projections has 1/M of this variance.
     """
-    B = J if variance_reduced else J + 0.5 * s[:, :, None] * s[:, None, :]
+    B = K if variance_reduced else K + 0.5 * s[:, :, None] * s[:, None, :]
     return hutchinson_variance(B, kind)
 
 
@@ -480,12 +527,12 @@ def linear_score_model(W: Tensor, b: Tensor) -> torch.nn.Linear:
 def linear_fisher_divergence(W: Tensor, b: Tensor, mean: Tensor, cov: Tensor) -> float:
     """F = 1/2 E_p |W x + b - s_p(x)|^2 for p = N(mean, cov), exactly (Section 2.6).
 
-    With A = W + Sigma^{-1}:  F = 1/2 [ tr(A Sigma A^T) + |W mu + b|^2 ]
-    (A Sigma A^T: error covariance; W mu + b: the model's score at the mean, where s_p = 0).
+    With G = W + Sigma^{-1}:  F = 1/2 [ tr(G Sigma G^T) + |W mu + b|^2 ]
+    (G Sigma G^T: error covariance; W mu + b: the model's score at the mean, where s_p = 0).
     """
     W, b = W.detach().to(F64), b.detach().to(F64)
-    A = W + torch.linalg.inv(cov)
-    return 0.5 * (torch.trace(A @ cov @ A.T) + (W @ mean + b).square().sum()).item()
+    G = W + torch.linalg.inv(cov)
+    return 0.5 * (torch.trace(G @ cov @ G.T) + (W @ mean + b).square().sum()).item()
 
 
 def dsm_optimal_linear_model(target: GaussianMixture, sigma: float) -> tuple[Tensor, Tensor]:
@@ -529,24 +576,28 @@ def training_steps(model: torch.nn.Module, loss_fn: LossFn, sample_batch: Callab
 
 # %% [markdown]
 # ## 3.7 Timing one training step
-# The median of a few steps after a warm-up step, within a time budget: a step that already takes
-# longer than the budget (exact ISM at large $D$) is timed once.
+# The first call of a step is slow (memory allocation, first-call overheads), so it is only a
+# warm-up. The second call is timed and tells how many more calls fit in the time budget: a step
+# that already takes longer than the budget (exact ISM at large $D$) is not repeated. We report
+# the **minimum** over the timed calls, as module 02 does: other processes on the machine can
+# only make a call slower, never faster, so the minimum is the least disturbed measurement and
+# varies far less from run to run than a median of a few calls.
 
 # %%
 def seconds_per_step(step: Callable[[], None], max_repeats: int, budget: float) -> float:
-    """Median wall time (s) of ``step()`` over a few calls, after one warm-up call."""
-    start = time.perf_counter()
-    step()  # warm-up: allocations, first-call overheads
-    first = time.perf_counter() - start
-    if first > budget:
-        return first  # slow enough that the warm-up overhead is negligible
-    repeats = int(min(max_repeats, max(1, budget // first)))
-    times = []
-    for _ in range(repeats):
+    """Best-of-k wall time (s) of ``step()``: one warm-up call, then k timed calls, where
+    1 <= k <= max_repeats and k is chosen from the second call so that they fit in ``budget``."""
+    def timed() -> float:
         start = time.perf_counter()
         step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+
+    step()  # warm-up: allocations, first-call overheads (not representative, not timed)
+    best = timed()  # a representative call: it decides how many more fit in the budget
+    extra = int(min(max_repeats - 1, budget // best)) if best > 0 else max_repeats - 1
+    for _ in range(max(0, extra)):
+        best = min(best, timed())
+    return best
 
 
 # %% [markdown]
@@ -625,10 +676,20 @@ def demo_hutchinson(run, cfg: Config, target: GaussianMixture) -> dict:
 # data point alone: for the optimum, $\operatorname{Var}_x\big[\operatorname{tr}(-\Sigma^{-1})
 # + \tfrac12 |s_p(x)|^2\big] = \tfrac12 \|\Sigma^{-1}\|_F^2$ (because
 # $s_p(x) \sim \mathcal{N}(0, \Sigma^{-1})$ and $\operatorname{Var}|z|^2 = 2\|C\|_F^2$ for
-# $z \sim \mathcal{N}(0, C)$). At $D = 100$, plain SSM needs about a hundred projections to
-# get down to it; Gaussian SSM-VR starts a factor of about 4 above it, and Rademacher SSM-VR
-# starts below it. The same draws also check unbiasedness: at every point, the mean over all
-# projections must match the exact ISM integrand within its standard error.
+# $z \sim \mathcal{N}(0, C)$). At $D = 100$, plain SSM needs of the order of a hundred
+# projections to get down to it (the sweep runs to $M = 128$ so you can see where it crosses);
+# Gaussian SSM-VR starts a factor of about 4 above it, and Rademacher SSM-VR starts below it.
+#
+# Why does Rademacher help SSM-VR so much and plain SSM hardly at all? Rademacher probes remove
+# only the diagonal part $\sum_i B_{ii}^2$ of the Gaussian variance $2\|B_S\|_F^2$ (2.2). For
+# SSM-VR, $B = K = -\Sigma^{-1}$, whose diagonal carries much of its weight (its eigenvalues lie
+# in a narrow range, so it is not far from a multiple of $I$). For plain SSM the variance is
+# dominated by $\tfrac12 s s^\top$: $\|\tfrac12 s s^\top\|_F^2 = \tfrac14 |s|^4$ is a sum of
+# $D^2$ terms, about $D^2/4$, while its diagonal $\tfrac14 \sum_i s_i^4$ has only $D$ terms,
+# about $3D/4$. Removing a fraction of order $1/D$ changes nothing visible.
+#
+# The same draws also check unbiasedness: at every point, the mean over all projections must
+# match the exact ISM integrand within its standard error.
 
 # %%
 VARIANTS = [(kind, vr) for vr in (False, True) for kind in PROJECTIONS]
@@ -643,19 +704,23 @@ def demo_projection_variance(run, cfg: Config, target: GaussianMixture) -> dict:
     optimum = linear_score_model(-P, P @ target.means[0])  # s_theta = s_p, float64
     x = sample_gaussian(target, cfg.var_points, run.generator, dtype=F64)  # (X, D)
     X, D = x.shape
-    J, s = jacobian(optimum, x), optimum(x).detach()
+    K, s = jacobian(optimum, x), optimum(x).detach()
     ism = sm02.ism_loss(optimum, x, reduction="none", create_graph=False).detach()  # (X,)
     R = cfg.var_repeats
     measured, closed, max_z, var_max_z = {}, {}, 0.0, 0.0
     for kind, vr in tqdm(VARIANTS, desc="projection variance", leave=False):
         name = variant_name(kind, vr)
-        var1 = ssm_projection_variance(J, s, kind, vr).mean().item()  # E_x Var_v, one projection
+        var1 = ssm_projection_variance(K, s, kind, vr).mean().item()  # E_x Var_v, one projection
         closed[name] = [var1 / M for M in cfg.var_projections]
         measured[name] = []
         for M, var_M in zip(cfg.var_projections, closed[name]):
-            v = sample_projections((R * M, X, D), kind, run.generator, F64)
-            with torch.no_grad():
-                values = ssm_objective(optimum, x, v, vr).reshape(R, M, X)
+            chunk = max(1, 8192 // (M * X))  # repeats per batch: bounded memory at large M
+            parts = []
+            for r0 in range(0, R, chunk):
+                v = sample_projections((min(chunk, R - r0) * M, X, D), kind, run.generator, F64)
+                with torch.no_grad():
+                    parts.append(ssm_objective(optimum, x, v, vr))
+            values = torch.cat(parts).reshape(R, M, X)
             estimates = values.mean(1)  # (R, X): R independent M-projection estimates per point
             var_x = estimates.var(0)  # (X,) variance over v at each point
             measured[name].append(var_x.mean().item())
@@ -684,6 +749,8 @@ def demo_projection_variance(run, cfg: Config, target: GaussianMixture) -> dict:
         ax.loglog(Ms, measured[name], "o" if vr else "s", color=colors[kind], mfc="none",
                   label=f"{name}: measured")
     ax.axhline(data_var_cf, color="k", ls=":", label="exact ISM: data noise only")
+    ax.set_xticks(Ms, [str(M) for M in Ms])
+    ax.minorticks_off()
     ax.set_xlabel("number of projections M per data point")
     ax.set_ylabel("variance of the per-point estimate (log scale)")
     ax.set_title(f"Projection noise at the optimum, D = {D}")
@@ -699,12 +766,28 @@ def demo_projection_variance(run, cfg: Config, target: GaussianMixture) -> dict:
 # Each method trains the linear model from $W = 0$, $b = 0$ on fresh batches of 128 samples, with
 # the same optimiser and schedule; every few steps we compute its Fisher divergence to the truth
 # exactly (2.6). DSM runs at two noise levels, with its bias floor $F_{\mathrm{floor}}(\sigma)$
-# drawn dashed. What to look for:
-# - **per step** (left), exact ISM and SSM-VR go down together; one-projection SSM lags far
-#   behind (its gradient noise grows like $D^2$, 2.4); DSM stalls at its floor: large $\sigma$
-#   gives a high floor, small $\sigma$ a low floor but noisy gradients (the $-z/\sigma$ target).
+# drawn dashed. SSM and SSM-VR use the projections chosen with `--projection` (Gaussian by
+# default; the figures say which). What to look for:
+# - **per step** (left), exact ISM and SSM-VR go down together. One-projection SSM lags far
+#   behind. 2.4 computed the noise of the loss *value*; its gradient inherits the same
+#   $\tfrac12 (v^\top s)^2$ term, so each SSM step is far noisier, and with the same step
+#   sizes and number of steps that ends in a genuinely worse model: the curve is the exact
+#   Fisher divergence of the parameters, not a noisy reading of a good fit. DSM stalls at its
+#   floor: large $\sigma$ gives a high floor, small $\sigma$ a low floor but noisy gradients
+#   (the $-z/\sigma$ target).
 # - **per second** (right), exact ISM pays $D$ backward passes per step: SSM-VR reaches the same
 #   fit many times sooner.
+#
+# Why does no curve reach 0, although the truth is in the model? Each step sees 128 fresh
+# samples for 10,100 parameters, so the gradient is noisy even for exact ISM, and Adam keeps
+# moving the parameters by about the learning rate times that noise. What is left at the end is
+# set by the finite number of steps and this minibatch noise, not by a bias: ISM and SSM-VR end
+# around 0.1-0.3 (out of about 54 at the start), and more steps or larger batches push them
+# lower. The learning rate decays to 0 on a cosine (3.6); once it has fallen well below its
+# starting value, in the last third of the run, the noise is averaged out instead of followed,
+# and the curves drop. That ISM's final value lands close to DSM's $\sigma = 0.2$ floor line is
+# a coincidence of this run length: DSM's floor is a bias that no amount of training removes,
+# ISM's value is noise that more training does.
 #
 # The second figure shows the training losses themselves, each shifted by its smallest possible
 # value so that it reads as a (noisy) Fisher divergence. ISM, SSM and SSM-VR all estimate the same
@@ -727,6 +810,14 @@ def fit_methods(cfg: Config, generator: torch.Generator) -> dict[str, LossFn]:
         methods[f"DSM, sigma = {sigma:g}"] = (
             lambda m, x, sigma=sigma: sm02.dsm_loss(m, x, sigma, generator=generator))
     return methods
+
+
+def fit_label(name: str, cfg: Config) -> str:
+    """A method's name for legends and the summary: the projection kind for the sliced losses,
+    mathtext sigma for DSM."""
+    if name.startswith("SSM"):
+        return f"{name} ({cfg.projection} v)"
+    return name.replace("sigma", "$\\sigma$")
 
 
 def demo_fit_quality(run, cfg: Config, target: GaussianMixture) -> dict:
@@ -754,17 +845,18 @@ def demo_fit_quality(run, cfg: Config, target: GaussianMixture) -> dict:
     colors = dict(zip(history, ["k", "tab:red", "tab:green", "tab:purple", "tab:blue"]))
     fig, (ax_s, ax_t) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for name, h in history.items():
-        ax_s.semilogy(h["steps"], h["fisher"], color=colors[name], label=name)
+        ax_s.semilogy(h["steps"], h["fisher"], color=colors[name], label=fit_label(name, cfg))
         # From the first step on: the start (0 s) has no place on a log axis.
-        ax_t.semilogy(h["seconds"][1:], h["fisher"][1:], color=colors[name], label=name)
+        ax_t.semilogy(h["seconds"][1:], h["fisher"][1:], color=colors[name])
     for sigma, floor in floors.items():
         color = colors[f"DSM, sigma = {sigma:g}"]
         for ax in (ax_s, ax_t):
             ax.axhline(floor, color=color, ls="--", lw=1,
-                       label=f"DSM floor, sigma = {sigma:g}" if ax is ax_s else None)
+                       label=f"DSM floor, $\\sigma$ = {sigma:g}" if ax is ax_s else None)
     ax_s.set_xlabel("training step")
     ax_s.set_ylabel("Fisher divergence to the true score (exact)")
-    ax_s.set_title(f"Fit of N(mu, Sigma) in D = {D}: per step")
+    ax_s.set_title(f"Fit of $\\mathcal{{N}}(\\mu, \\Sigma)$ in D = {D} "
+                   f"({cfg.projection} projections): per step")
     ax_s.legend(fontsize=8)
     ax_t.set_xscale("log")
     ax_t.set_xlabel("training wall time (s, log scale)")
@@ -787,12 +879,13 @@ def demo_fit_quality(run, cfg: Config, target: GaussianMixture) -> dict:
         smooth = np.convolve(excess, np.ones(window) / window, mode="valid")
         ax.plot(excess, color=colors[name], alpha=0.15, lw=0.5)
         ax.plot(np.arange(window - 1, len(excess)), smooth, color=colors[name],
-                label=f"{name} (running mean of {window})")
+                label=f"{fit_label(name, cfg)} (running mean of {window})")
     for ax, what, offset in (
-            (ax_i, "ISM, SSM, SSM-VR: loss + 1/2 tr $\\Sigma^{-1}$ (estimates F to the truth)",
-             "loss - min J_ISM"),
-            (ax_d, "DSM: loss - $C_\\sigma$ (estimates F to the NOISY score)",
-             "loss - $C_\\sigma$")):
+            (ax_i, "ISM, SSM, SSM-VR: loss $+ \\frac{1}{2}\\,\\mathrm{tr}\\,\\Sigma^{-1}$ "
+                   "(estimates $F$ to the true score)",
+             "loss $- \\min\\, J_{\\mathrm{ISM}}$"),
+            (ax_d, "DSM: loss $- C_\\sigma$ (estimates $F$ to the NOISY score)",
+             "loss $- C_\\sigma$")):
         ax.axhline(0.0, color="gray", ls="--", lw=1)
         ax.set_ylim(-0.1 * fisher_init, 1.2 * fisher_init)  # from the start down; clip spikes
         ax.set_xlabel("training step")
@@ -819,9 +912,9 @@ def demo_fit_quality(run, cfg: Config, target: GaussianMixture) -> dict:
 # like $D$; beyond it, the first and last layers ($D \times 128$ matrices) dominate each pass, a
 # pass itself costs $\propto D$, and the time heads towards $D^2$. SSM and SSM-VR take one
 # vector-Jacobian product and DSM one plain backward pass, whatever $D$ is: their curves grow
-# only as fast as the network's own cost, which is nearly flat here. Timings are medians of a
-# few steps after a warm-up (one step for the slowest cases) and depend on the machine and its
-# load; the trend, not the numbers, is the lesson.
+# only as fast as the network's own cost, which is nearly flat here. Timings are the best of a
+# few steps after a warm-up (3.7; a single step for the slowest cases) and depend on the machine
+# and its load; the trend, not the numbers, is the lesson.
 
 # %%
 TIMED = ("ISM (exact trace)", "SSM", "SSM-VR", "DSM")
@@ -874,9 +967,10 @@ def demo_cost_per_step(run, cfg: Config) -> dict:
 # # Section 5: Exercises
 #
 # Replace each `raise NotImplementedError` with your answer, then run
-# `pytest tests/test_05_exercises.py`. A skipped test means "not attempted yet"; a failure tells
-# you what was expected and what came back. Reference answers are in
-# `solutions/05_sliced_score_matching.py`: try first, then compare.
+# `pytest tests/test_05_exercises.py -k your_answer`. A skipped test means "not attempted
+# yet"; a failure tells you what was expected, what came back, and what the mistake looks
+# like. Reference answers are in `solutions/05_sliced_score_matching.py`: try first, then
+# compare.
 
 # %%
 def exercise_sphere_projections(n: int, dim: int, generator: torch.Generator) -> Tensor:
@@ -909,7 +1003,10 @@ def exercise_frobenius_norm_estimate(matvec: Callable[[Tensor], Tensor], dim: in
 
     The closed-form variances of Hutchinson's estimator need ||S||_F^2, but for a network's
     Jacobian we can only afford products with random vectors. Use E_v |A v|^2 = tr(A^T A) =
-    ||A||_F^2: Hutchinson's estimator applied to A^T A.
+    ||A||_F^2: Hutchinson's estimator applied to A^T A. This estimates the norm of whatever
+    matrix ``matvec`` multiplies by; for the variance of v^T A v you want the symmetric part
+    S = (A + A^T)/2, so pass the matvec S v = (A v + A^T v)/2 (for a Jacobian: half the sum of
+    a Jacobian-vector and a vector-Jacobian product).
 
     Args:
         matvec: maps a batch of vectors V: (k, D) to the products (k, D), row i = A v_i
@@ -930,18 +1027,19 @@ def exercise_frobenius_norm_estimate(matvec: Callable[[Tensor], Tensor], dim: in
 def exercise_ssm_forward_mode(score_fn: ScoreFn, x: Tensor, v: Tensor) -> Tensor:
     """Exercise 5.3: the SSM integrand with a forward-mode Jacobian-vector product.
 
-    Section 3.3 gets v^T J v from a vector-Jacobian product (reverse mode, J^T v). Forward mode
-    gives J v directly, by pushing the tangent v through the network alongside x.
+    Section 3.3 gets v^T K v (K = grad_x s) from a vector-Jacobian product (reverse mode,
+    K^T v). Forward mode gives the Jacobian-vector product K v directly, by pushing the
+    tangent v through the network alongside x (Section 2.5).
 
     Args:
         score_fn: maps (N, D) -> (N, D), rows independent; x, v: (N, D).
     Returns:
-        (N,) the SSM integrand v^T J(x) v + 1/2 (v^T s(x))^2 (not the variance-reduced form).
+        (N,) the SSM integrand v^T K(x) v + 1/2 (v^T s(x))^2 (not the variance-reduced form).
 
-    Example: for s(x) = -x (so J = -I) and v = (1, 1) at x = (1, 0): v^T J v = -2,
+    Example: for s(x) = -x (so K = -I) and v = (1, 1) at x = (1, 0): v^T K v = -2,
     v^T s = -1, so the answer is -2 + 0.5 = -1.5.
 
-    Hint: ``s, jv = torch.func.jvp(score_fn, (x,), (v,))`` returns s(x) and the row-wise J v
+    Hint: ``s, jv = torch.func.jvp(score_fn, (x,), (v,))`` returns s(x) and the row-wise K v
     (the tangent of the whole batch is v, and rows are independent). Then take row-wise dot
     products with v.
     """
@@ -949,28 +1047,31 @@ def exercise_ssm_forward_mode(score_fn: ScoreFn, x: Tensor, v: Tensor) -> Tensor
     raise NotImplementedError("Exercise 5.3: implement exercise_ssm_forward_mode")
 
 
-def exercise_dsm_bias_floor(cov: Tensor, sigma: float) -> float:
-    """Exercise 5.4: the Fisher divergence between N(mu, Sigma) and DSM's target, by eigenvalues.
+def exercise_sigma_for_floor(cov: Tensor, floor: float) -> float:
+    """Exercise 5.4: the DSM noise level sigma whose bias floor equals a target accuracy.
 
-    DSM with noise sigma learns the score of N(mu, Sigma + sigma^2 I), not that of
-    N(mu, Sigma). Compute the Fisher divergence between the two,
-        F_floor = 1/2 E_p | (Sigma + sigma^2 I)^{-1} (x - mu) - Sigma^{-1} (x - mu) |^2,
-    from the eigenvalues lambda_k of Sigma alone.
+    DSM with noise sigma can get no closer to the true score of N(mu, Sigma) than
+        F_floor(sigma) = 1/2 tr(Sigma Delta^2),  Delta = (Sigma + sigma^2 I)^{-1} - Sigma^{-1}
+    (Section 2.6). If you need a Fisher divergence below some ``floor``, how large may sigma be?
+    Find the sigma > 0 with F_floor(sigma) = floor, to a relative accuracy of 1e-9 or better.
 
     Args:
-        cov: (D, D) symmetric positive definite Sigma; sigma: noise level > 0.
+        cov: (D, D) symmetric positive definite Sigma; floor: the target, with
+             0 < floor < 1/2 tr Sigma^{-1} (you may assume it).
     Returns:
-        F_floor as a Python float (it does not depend on mu).
+        sigma as a Python float.
 
-    Example: Sigma = I in D = 1 with sigma = 1 gives 1/2 * (1/2 - 1)^2 * 1 = 0.125.
+    Example: Sigma = I in D = 1 has F_floor(sigma) = 1/2 (1/(1 + sigma^2) - 1)^2, which is
+    1/8 at sigma = 1; so floor = 0.125 gives sigma = 1.
 
-    Hint: in Sigma's eigenbasis everything is diagonal; x - mu has variance lambda_k along
-    eigenvector k, and the score difference is (1/(lambda_k + sigma^2) - 1/lambda_k) times
-    that coordinate. torch.linalg.eigvalsh gives the lambda_k. Compare with the dashed floors of
-    the fit_quality figure; why does the floor shrink like sigma^4 for small sigma?
+    Hint: F_floor(sigma) grows monotonically with sigma, from 0 to 1/2 tr Sigma^{-1}, so a
+    bisection (on log sigma) converges; work out F_floor cheaply from the eigenvalues of Sigma,
+    in whose eigenbasis Delta is diagonal. For small sigma, F_floor is about a constant times
+    sigma^4: which constant? Is that a good starting bracket, or a good answer? Try the
+    fit_quality figure's floors: which sigma would put DSM's floor at 0.01 in D = 100?
     """
-    # TODO: eigenvalues, then a sum over k.
-    raise NotImplementedError("Exercise 5.4: implement exercise_dsm_bias_floor")
+    # TODO: F_floor from the eigenvalues, then solve F_floor(sigma) = floor.
+    raise NotImplementedError("Exercise 5.4: implement exercise_sigma_for_floor")
 
 
 # %% [markdown]
@@ -1011,7 +1112,7 @@ def main(argv=None):
     rows = []
     for kind in PROJECTIONS:
         rows += [
-            (f"Hutchinson, {kind}: mean of {cfg.hutchinson_draws} probes (D = {D})",
+            (f"Hutchinson, {kind}: mean of {cfg.hutchinson_draws} probes ± std. error (D = {D})",
              f"{r[f'hutch_mean_{kind}']:.3f} ± {r[f'hutch_se_{kind}']:.3f}",
              f"tr A = {r['hutch_trace']:.3f}"),
             (f"Hutchinson, {kind}: variance of one probe",
@@ -1019,7 +1120,9 @@ def main(argv=None):
              f"{r[f'hutch_var_cf_{kind}']:.2f} (closed form)"),
         ]
     rows.append(("Hutchinson: max rel. error of variance, alpha sweep",
-                 f"{r['hutch_sweep_max_rel_err']:.3f}", "small (sampling noise, a few %)"))
+                 f"{r['hutch_sweep_max_rel_err']:.3f}",
+                 f"sampling noise of {cfg.hutchinson_draws // 4} probes: a few % "
+                 f"(up to ~10% with --quick)"))
     M_list = cfg.var_projections
     for name in r["var_closed"]:
         rows.append((f"projection variance, {name}, M = {M_list[0]} / {M_list[-1]}",
@@ -1032,18 +1135,21 @@ def main(argv=None):
         ("exact ISM: variance from the data alone", f"{r['data_var']:.1f}",
          f"{r['data_var_cf']:.1f} = 1/2 ||Sigma^-1||_F^2"),
         (f"SSM/SSM-VR mean over {r['var_samples']} projections vs exact ISM: max |z|",
-         f"{r['unbiased_max_z']:.2f}", f"< 4 (unbiased; {4 * cfg.var_points} points tested)"),
+         f"{r['unbiased_max_z']:.2f}",
+         f"< 4 (unbiased; {cfg.var_points} points x 4 estimators)"),
         (f"fit, D = {D}: Fisher divergence at the start (s = 0)", f"{r['fisher_init']:.2f}",
-         "1/2 (tr Sigma^-1 + |Sigma^-1 mu|^2)"),
+         f"1/2 tr Sigma^-1 = {-r['min_ism']:.2f}"),
     ]
     for name in fit_methods(cfg, run.generator):
-        floor = ""
         if name.startswith("DSM"):
             sigma = float(name.split("=")[1])
-            floor = f"floor {r['dsm_floors'][sigma]:.3f}"
+            floor = f"floor {r['dsm_floors'][sigma]:.3f} (bias: stays)"
+        elif name == "SSM":
+            floor = "above ISM (projection noise ~ D^2)"
         else:
-            floor = "-> 0 (truth is in the model)"
-        rows.append((f"fit: Fisher divergence after {cfg.fit_steps} steps, {name}",
+            floor = "small; limited by steps and minibatch noise"
+        label = f"{name} ({cfg.projection} v)" if name.startswith("SSM") else name
+        rows.append((f"fit: Fisher divergence after {cfg.fit_steps} steps, {label}",
                      f"{r[f'fisher_final/{name}']:.3f}  ({r[f'seconds/{name}']:.1f} s)",
                      floor))
     rows.append(("fit: final loss of ISM / SSM / SSM-VR (last 10%)",

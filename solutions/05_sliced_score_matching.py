@@ -39,11 +39,32 @@ def exercise_ssm_forward_mode(score_fn: Callable[[Tensor], Tensor], x: Tensor,
     return (v * jv).sum(1) + 0.5 * (v * s).sum(1).square()
 
 
-def exercise_dsm_bias_floor(cov: Tensor, sigma: float) -> float:
+def exercise_sigma_for_floor(cov: Tensor, floor: float) -> float:
     """In Sigma's eigenbasis coordinate k of x - mu has variance lambda_k and the score
-    difference multiplies it by d_k = 1/(lambda_k + sigma^2) - 1/lambda_k, so
-    F_floor = 1/2 sum_k lambda_k d_k^2 = sum_k sigma^4 / (2 lambda_k (lambda_k + sigma^2)^2).
-    For small sigma, d_k ~ -sigma^2 / lambda_k^2: the floor shrinks like sigma^4."""
+    difference multiplies it by d_k = 1/(lambda_k + sigma^2) - 1/lambda_k
+    = -sigma^2 / (lambda_k (lambda_k + sigma^2)) (the second form has no cancellation), so
+        F_floor(sigma) = 1/2 sum_k lambda_k d_k^2
+                       = sum_k sigma^4 / (2 lambda_k (lambda_k + sigma^2)^2),
+    increasing in sigma from 0 (about sigma^4/2 sum_k lambda_k^-3 for small sigma) to
+    1/2 sum_k 1/lambda_k = 1/2 tr Sigma^{-1}. Bracket the root by doubling/halving, then bisect
+    on log sigma: 200 halvings of the bracket are far more than double precision needs."""
     lam = torch.linalg.eigvalsh(cov.to(torch.float64))
-    d = 1 / (lam + sigma**2) - 1 / lam
-    return (0.5 * lam * d.square()).sum().item()
+
+    def f_floor(sigma: float) -> float:
+        d = -(sigma**2) / (lam * (lam + sigma**2))
+        return (0.5 * lam * d.square()).sum().item()
+
+    lo = hi = 1.0
+    while f_floor(hi) < floor:
+        hi *= 2
+    while f_floor(lo) > floor:
+        lo /= 2
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)  # bisection in log sigma
+        if f_floor(mid) < floor:
+            lo = mid
+        else:
+            hi = mid
+        if hi / lo - 1 < 1e-15:
+            break
+    return math.sqrt(lo * hi)

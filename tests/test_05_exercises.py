@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common.exercises import Exercise, assert_close, exercise_tests
-from common.modules import load_module
+from common.modules import load_module, load_solutions
 
 pytestmark = pytest.mark.ch05
 F64 = torch.float64
@@ -41,28 +41,33 @@ def check_sphere_projections(fn):
     n, D = 40_000, 5
     v = fn(n, D, torch.Generator().manual_seed(0))
     v_again = fn(n, D, torch.Generator().manual_seed(0))
-    assert tuple(v.shape) == (n, D), (f"shape of the projections: expected {(n, D)}, got "
-                                      f"{tuple(v.shape)}\n  hint: one row per projection")
+    if tuple(v.shape) != (n, D):
+        raise AssertionError(f"shape of the projections: expected {(n, D)}, got "
+                             f"{tuple(v.shape)}\n  hint: one row per projection")
     v, v_again = torch.as_tensor(v).double(), torch.as_tensor(v_again).double()
-    assert torch.equal(v, v_again), (
-        "two calls with identically seeded generators gave different projections\n"
-        "  hint: pass `generator=generator` to every random call")
+    if not torch.equal(v, v_again):
+        raise AssertionError(
+            "two calls with identically seeded generators gave different projections\n"
+            "  hint: pass `generator=generator` to every random call")
     assert_close(v.norm(dim=1), torch.full((n,), math.sqrt(D), dtype=F64),
                  what=f"norms of the projections (expected sqrt(D) = {math.sqrt(D):.4f})",
                  hint="normalise each row to norm 1, then multiply by sqrt(dim)", rtol=1e-6)
     outer = v[:, :, None] * v[:, None, :]
     se = (outer.std(0) / math.sqrt(n)).clamp_min(1e-12)  # 0 for an exact entry (e.g. +-1 draws)
     z = ((outer.mean(0) - torch.eye(D, dtype=F64)) / se).abs().max().item()
-    assert z < 5, (f"E[v v^T] is not the identity: largest deviation {z:.1f} standard errors\n"
-                   f"  hint: the directions must be uniform (isotropic)")
+    if not z < 5:
+        raise AssertionError(f"E[v v^T] is not the identity: largest deviation {z:.1f} standard "
+                             f"errors\n  hint: the directions must be uniform (isotropic)")
     # Hutchinson's variance with sphere probes: 2 D/(D+2) (||S||_F^2 - (tr S)^2 / D).
     q = torch.einsum("nd,de,ne->n", v, S5, v)
     expected = 2 * D / (D + 2) * (S5.square().sum() - torch.trace(S5) ** 2 / D)
     z, var = _variance_z(q, expected)
-    assert abs(z) < 5, (
-        f"the projections are not uniform on the sphere: Var(v^T S v) = {var:.3f}, expected "
-        f"{expected.item():.3f} for uniform directions ({z:+.1f} standard errors)\n"
-        f"  hint: normalise standard GAUSSIAN draws; normalised cube or +-1 draws are not uniform")
+    if not abs(z) < 5:
+        raise AssertionError(
+            f"the projections are not uniform on the sphere: Var(v^T S v) = {var:.3f}, expected "
+            f"{expected.item():.3f} for uniform directions ({z:+.1f} standard errors)\n"
+            f"  hint: normalised draws from a cube, or +-1 entries, are not uniform on the "
+            f"sphere; which distribution has a density that depends only on |z|?")
 
 
 def unit_sphere(n, dim, generator):
@@ -105,13 +110,15 @@ def check_frobenius_norm_estimate(fn):
                        for _ in range(n_calls)])
     frob2 = A6.square().sum()
     z = ((est.mean() - frob2) / (est.std() / math.sqrt(n_calls))).item()
-    assert abs(z) < 5, (
+    if not abs(z) < 5:
+        raise AssertionError(
         f"the estimate is biased: mean of {n_calls} calls {est.mean():.3f}, expected "
         f"||A||_F^2 = {frob2:.3f} ({z:+.1f} standard errors)\n"
         f"  hint: average |A v|^2 = sum_i (A v)_i^2 over the probes (not v^T A v)")
     expected_var = m.hutchinson_variance(A6.T @ A6, "rademacher") / n_probes
     z, var = _variance_z(est, expected_var)
-    assert abs(z) < 5, (
+    if not abs(z) < 5:
+        raise AssertionError(
         f"variance of the estimate {var:.3f}, expected {expected_var.item():.3f} for the mean of "
         f"{n_probes} Rademacher probes ({z:+.1f} standard errors)\n"
         f"  hint: draw n_probes Rademacher vectors (not Gaussian), and average, do not sum")
@@ -146,24 +153,50 @@ def _small_score_net(D, gen):
     return lambda x: torch.tanh(x @ W1.T + b1) @ W2.T + b2
 
 
+def _close(a, b):
+    a = torch.as_tensor(a).double()
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-7, atol=1e-9)
+
+
+def _ssm_hint(got, K, s, v):
+    """Name the mistake: compare with the usual wrong forms built from K = grad_x s."""
+    vkv = torch.einsum("ni,nij,nj->n", v, K, v)
+    vs2 = (v * s).sum(1).square()
+    diagnoses = [
+        (vkv + 0.5 * s.square().sum(1),
+         "your values equal the variance-reduced form: you used 1/2 |s|^2 instead of "
+         "1/2 (v^T s)^2"),
+        (vkv + vs2, "your values equal v^T K v + (v^T s)^2: the factor 1/2 is missing"),
+        (vkv, "your values equal v^T K v alone: the 1/2 (v^T s)^2 term is missing"),
+        (0.5 * vs2, "your values equal 1/2 (v^T s)^2 alone: the v^T K v term is missing"),
+        (-vkv + 0.5 * vs2, "your v^T K v term has the wrong sign"),
+    ]
+    for wrong, hint in diagnoses:
+        if _close(got, wrong):
+            return hint
+    return ("torch.func.jvp returns the pair (s(x), K v); combine them with row-wise dot "
+            "products with v (one value per row), and check the worked example of the docstring")
+
+
 def check_ssm_forward_mode(fn):
     x0, v0 = torch.tensor([[1.0, 0.0]], dtype=F64), torch.tensor([[1.0, 1.0]], dtype=F64)
-    assert_close(fn(lambda x: -x, x0, v0), torch.tensor([-1.5], dtype=F64),
+    got0 = fn(lambda x: -x, x0, v0)
+    assert_close(got0, torch.tensor([-1.5], dtype=F64),
                  what="SSM integrand for s(x) = -x, x = (1, 0), v = (1, 1)",
-                 hint="v^T J v = -2 and v^T s = -1, so -2 + 0.5 * (-1)^2 = -1.5")
+                 hint=_ssm_hint(got0, -torch.eye(2, dtype=F64)[None], -x0, v0))
     gen = torch.Generator().manual_seed(3)
     D = 4
     score = _small_score_net(D, gen)
     x = torch.randn(6, D, generator=gen, dtype=F64)
     v = torch.randn(6, D, generator=gen, dtype=F64)
-    J = torch.stack([torch.autograd.functional.jacobian(lambda z: score(z[None])[0], xi)
+    K = torch.stack([torch.autograd.functional.jacobian(lambda z: score(z[None])[0], xi)
                      for xi in x])  # (N, D, D), one sample at a time: independent of the module
     s = score(x)
-    expected = torch.einsum("ni,nij,nj->n", v, J, v) + 0.5 * (v * s).sum(1).square()
-    assert_close(fn(score, x, v), expected,
-                 what="SSM integrand v^T J v + 1/2 (v^T s)^2 for a tanh network (6 points, D = 4)",
-                 hint="torch.func.jvp(score_fn, (x,), (v,)) returns (s, J v); then "
-                      "(v * Jv).sum(1) + 0.5 * (v * s).sum(1) ** 2", rtol=1e-8, atol=1e-10)
+    expected = torch.einsum("ni,nij,nj->n", v, K, v) + 0.5 * (v * s).sum(1).square()
+    got = fn(score, x, v)
+    assert_close(got, expected,
+                 what="SSM integrand v^T K v + 1/2 (v^T s)^2 for a tanh network (6 points, D = 4)",
+                 hint=_ssm_hint(got, K, s, v), rtol=1e-8, atol=1e-10)
 
 
 def variance_reduced_instead(score_fn, x, v):
@@ -181,38 +214,101 @@ def trace_term_only(score_fn, x, v):
     return (v * jv).sum(1)
 
 
-# -- 5.4 DSM bias floor -------------------------------------------------------------------------
-def check_dsm_bias_floor(fn):
-    got = fn(torch.eye(1, dtype=F64), 1.0)
-    assert_close(torch.as_tensor(got, dtype=F64), torch.tensor(0.125, dtype=F64),
-                 what="floor for Sigma = I (D = 1), sigma = 1",
-                 hint="1/2 * lambda * (1/(lambda + sigma^2) - 1/lambda)^2 = 1/2 * (1/2 - 1)^2")
+# -- 5.4 which sigma gives a target floor --------------------------------------------------------
+def _floor_of(target, sigma):
+    """Ground truth, independent of eigenvalues: the module's exact Fisher divergence of DSM's
+    minimiser (Section 2.6)."""
+    W, b = m.dsm_optimal_linear_model(target, sigma)
+    return m.linear_fisher_divergence(W, b, target.means[0], target.covs[0])
+
+
+def _solve(f, value):
+    """sigma with f(sigma) = value for increasing f, by bisection on log sigma."""
+    lo, hi = 1e-6, 1e3
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if f(mid) < value else (lo, mid)
+    return math.sqrt(lo * hi)
+
+
+def _sigma_hint(got, cov, floor, f_got):
+    """Name the mistake by comparing with the sigmas that common wrong formulas give."""
+    lam = torch.linalg.eigvalsh(cov)
+    truth = _solve(lambda s: (s**4 / (2 * lam * (lam + s**2) ** 2)).sum().item(), floor)
+    diagnoses = [
+        (truth**2, "your value is sigma^2 (the noise variance); return the standard deviation "
+                   "sigma"),
+        ((2 * floor / (1 / lam**3).sum().item()) ** 0.25,
+         "your sigma solves the small-sigma approximation F_floor ~ sigma^4/2 sum_k "
+         "lambda_k^-3, which is only accurate for tiny sigma: solve the exact equation"),
+        (_solve(lambda s: (s**4 / (2 * (lam + s**2) ** 2 * lam**2)).sum().item(), floor),
+         "your F_floor lacks the weight lambda_k: x - mu has variance lambda_k (not 1) along "
+         "eigenvector k"),
+        (_solve(lambda s: (s**4 / (lam * (lam + s**2) ** 2)).sum().item(), floor),
+         "your F_floor is twice the right one: the Fisher divergence has a factor 1/2"),
+        (_solve(lambda s: (s**2 / (2 * lam * (lam + s) ** 2)).sum().item(), floor),
+         "your F_floor uses sigma where the covariance needs sigma^2 (Sigma + sigma^2 I)"),
+    ]
+    for wrong, hint in diagnoses:
+        if math.isclose(got, wrong, rel_tol=1e-5):
+            return hint
+    side = "large" if f_got > floor else "small"
+    return (f"F_floor(your sigma) = {f_got:.6g}, target {floor:.6g}: your sigma is too {side}. "
+            f"Is your F_floor right (compare it with linear_fisher_divergence of "
+            f"dsm_optimal_linear_model), and does your root-finder converge to 1e-9?")
+
+
+def check_sigma_for_floor(fn):
+    cases = [(torch.eye(1, dtype=F64), 0.125, "Sigma = I (D = 1)")]
     for seed, dim in ((4, 3), (5, 12)):
         target = m.gaussian_target(dim, torch.Generator().manual_seed(seed), eig_range=(0.2, 3.0))
-        for sigma in (0.05, 0.5, 2.0):
-            W, b = m.dsm_optimal_linear_model(target, sigma)
-            expected = m.linear_fisher_divergence(W, b, target.means[0], target.covs[0])
-            assert_close(torch.as_tensor(fn(target.covs[0], sigma), dtype=F64),
-                         torch.tensor(expected, dtype=F64),
-                         what=f"DSM floor, D = {dim}, sigma = {sigma}",
-                         hint="sum over eigenvalues of 1/2 * lambda_k * d_k^2 with "
-                              "d_k = 1/(lambda_k + sigma^2) - 1/lambda_k (x - mu has variance "
-                              "lambda_k along eigenvector k)", rtol=1e-8, atol=1e-14)
+        top = 0.5 * torch.trace(target.precisions[0]).item()  # the floor as sigma -> infinity
+        for frac in (1e-6, 0.01, 0.3, 0.9):
+            cases.append((target, frac * top, f"D = {dim}, floor = {frac:g} x 1/2 tr Sigma^-1"))
+    for target, floor, what in cases:
+        if isinstance(target, torch.Tensor):  # the worked example: Sigma = I in D = 1
+            target = m.GaussianMixture([1.0], torch.zeros(1, 1, dtype=F64), target[None])
+        cov = target.covs[0]
+        got = fn(cov.clone(), floor)
+        if isinstance(got, torch.Tensor):
+            got = got.item()
+        if not (isinstance(got, float) and math.isfinite(got) and got > 0):
+            raise AssertionError(f"sigma for {what}: expected a positive float, got {got!r}")
+        f_got = _floor_of(target, got)
+        if not math.isclose(f_got, floor, rel_tol=1e-7):
+            raise AssertionError(
+                f"sigma for {what}: you returned sigma = {got:.9g}, whose exact floor is "
+                f"{f_got:.9g}, expected {floor:.9g}\n  hint: "
+                f"{_sigma_hint(got, cov, floor, f_got)}")
 
 
-def floor_missing_half(cov, sigma):
+def small_sigma_expansion(cov, floor):
     lam = torch.linalg.eigvalsh(cov)
-    return (lam * (1 / (lam + sigma**2) - 1 / lam).square()).sum().item()
+    return (2 * floor / (1 / lam**3).sum().item()) ** 0.25
 
 
-def floor_unweighted(cov, sigma):
+def variance_not_std(cov, floor):
+    return load_solutions("05").exercise_sigma_for_floor(cov, floor) ** 2
+
+
+def floor_unweighted(cov, floor):
     lam = torch.linalg.eigvalsh(cov)
-    return (0.5 * (1 / (lam + sigma**2) - 1 / lam).square()).sum().item()
+    return _solve(lambda s: (s**4 / (2 * (lam + s**2) ** 2 * lam**2)).sum().item(), floor)
 
 
-def floor_sigma_not_squared(cov, sigma):
+def floor_missing_half(cov, floor):
     lam = torch.linalg.eigvalsh(cov)
-    return (0.5 * lam * (1 / (lam + sigma) - 1 / lam).square()).sum().item()
+    return _solve(lambda s: (s**4 / (lam * (lam + s**2) ** 2)).sum().item(), floor)
+
+
+def too_few_bisection_steps(cov, floor):
+    lam = torch.linalg.eigvalsh(cov)
+    lo, hi = 1e-3, 1e2
+    for _ in range(12):
+        mid = math.sqrt(lo * hi)
+        f = (mid**4 / (2 * lam * (lam + mid**2) ** 2)).sum().item()
+        lo, hi = (mid, hi) if f < floor else (lo, mid)
+    return math.sqrt(lo * hi)
 
 
 EXERCISES = [
@@ -222,8 +318,9 @@ EXERCISES = [
              [trace_instead, norm_not_squared, gaussian_probes, summed_over_probes]),
     Exercise("exercise_ssm_forward_mode", check_ssm_forward_mode,
              [variance_reduced_instead, missing_half, trace_term_only]),
-    Exercise("exercise_dsm_bias_floor", check_dsm_bias_floor,
-             [floor_missing_half, floor_unweighted, floor_sigma_not_squared]),
+    Exercise("exercise_sigma_for_floor", check_sigma_for_floor,
+             [small_sigma_expansion, variance_not_std, floor_unweighted, floor_missing_half,
+              too_few_bisection_steps]),
 ]
 
 test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_tests("05", EXERCISES)
@@ -238,8 +335,6 @@ def test_every_exercise_in_the_module_is_checked():
 
 def test_examples_in_docstrings_hold():
     """The worked examples quoted in the stubs' docstrings, computed with the reference."""
-    from common.modules import load_solutions
-
     sol = load_solutions("05")
     v = sol.exercise_sphere_projections(1000, 4, torch.Generator().manual_seed(0))
     torch.testing.assert_close(v.norm(dim=1), torch.full((1000,), 2.0, dtype=F64))
@@ -249,4 +344,4 @@ def test_examples_in_docstrings_hold():
     out = sol.exercise_ssm_forward_mode(lambda x: -x, torch.tensor([[1.0, 0.0]]),
                                         torch.tensor([[1.0, 1.0]]))
     assert out.item() == pytest.approx(-1.5)
-    assert sol.exercise_dsm_bias_floor(torch.eye(1, dtype=F64), 1.0) == pytest.approx(0.125)
+    assert sol.exercise_sigma_for_floor(torch.eye(1, dtype=F64), 0.125) == pytest.approx(1.0)

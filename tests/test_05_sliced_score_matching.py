@@ -43,7 +43,7 @@ def _tanh_score_net(D, gen, hidden=8):
 
 
 def _jacobian_one_by_one(score, x):
-    """J(x_n) sample by sample, independent of the module's vectorised `jacobian`."""
+    """K(x_n) = grad_x s(x_n) one sample at a time, independent of the module's `jacobian`."""
     return torch.stack([torch.autograd.functional.jacobian(lambda z: score(z[None])[0], xi)
                         for xi in x])
 
@@ -112,19 +112,19 @@ def test_hutchinson_trace_of_m_probes_has_variance_over_m(gen):
     assert abs(_variance_z(est, m.hutchinson_variance(A, "gaussian") / 8)) < Z_MAX
 
 
-# -- v^T J v with one backward pass -------------------------------------------------------------
+# -- v^T K v with one backward pass -------------------------------------------------------------
 def test_vjv_and_jacobian_match_autograd_sample_by_sample(gen):
     D = 5
     score = _tanh_score_net(D, gen)
     x = torch.randn(7, D, generator=gen, dtype=F64)
     v = torch.randn(7, D, generator=gen, dtype=F64)
-    J = _jacobian_one_by_one(score, x)
-    assert not torch.allclose(J, J.transpose(1, 2))  # a genuinely non-symmetric Jacobian
-    torch.testing.assert_close(m.jacobian(score, x), J)
+    K = _jacobian_one_by_one(score, x)
+    assert not torch.allclose(K, K.transpose(1, 2))  # a genuinely non-symmetric Jacobian
+    torch.testing.assert_close(m.jacobian(score, x), K)
     s, vjv = m.score_and_vjv(score, x, v)
     torch.testing.assert_close(s, score(x))
-    torch.testing.assert_close(vjv, torch.einsum("ni,nij,nj->n", v, J, v))
-    torch.testing.assert_close(torch.diagonal(J, dim1=1, dim2=2).sum(1),
+    torch.testing.assert_close(vjv, torch.einsum("ni,nij,nj->n", v, K, v))
+    torch.testing.assert_close(torch.diagonal(K, dim1=1, dim2=2).sum(1),
                                sm02.jacobian_trace(score, x))
 
 
@@ -154,7 +154,7 @@ def test_vjv_uses_one_backward_pass(gen):
 
 
 def test_vjv_is_differentiable_in_the_parameters(gen):
-    """create_graph=True: d/dW of v^T J v for s(x) = W x is v v^T (J = W)."""
+    """create_graph=True: d/dW of v^T K v for s(x) = W x is v v^T (K = W)."""
     W = torch.randn(3, 3, generator=gen, dtype=F64, requires_grad=True)
     x = torch.randn(2, 3, generator=gen, dtype=F64)
     v = torch.randn(2, 3, generator=gen, dtype=F64)
@@ -168,7 +168,7 @@ def test_vjv_is_differentiable_in_the_parameters(gen):
 @pytest.mark.parametrize("variance_reduced", [False, True], ids=["SSM", "SSM-VR"])
 def test_ssm_is_unbiased_for_ism(kind, variance_reduced, gen):
     """At every data point, the mean over projections of the SSM (or SSM-VR) integrand equals
-    the exact ISM integrand tr J + 1/2 |s|^2, within Monte Carlo error."""
+    the exact ISM integrand tr K + 1/2 |s|^2, within Monte Carlo error."""
     D, X, M = 6, 8, 20_000
     score = _tanh_score_net(D, gen)
     x = torch.randn(X, D, generator=gen, dtype=F64)
@@ -181,16 +181,16 @@ def test_ssm_is_unbiased_for_ism(kind, variance_reduced, gen):
 
 
 def test_ssm_objective_is_the_quadratic_form_of_b(gen):
-    """v^T J v + 1/2 (v^T s)^2 = v^T (J + 1/2 s s^T) v exactly (Section 2.4)."""
+    """v^T K v + 1/2 (v^T s)^2 = v^T (K + 1/2 s s^T) v exactly (Section 2.4)."""
     D = 5
     score = _tanh_score_net(D, gen)
     x = torch.randn(6, D, generator=gen, dtype=F64)
     v = torch.randn(6, D, generator=gen, dtype=F64)
-    J, s = _jacobian_one_by_one(score, x), score(x)
-    B = J + 0.5 * s[:, :, None] * s[:, None, :]
+    K, s = _jacobian_one_by_one(score, x), score(x)
+    B = K + 0.5 * s[:, :, None] * s[:, None, :]
     torch.testing.assert_close(m.ssm_objective(score, x, v), torch.einsum("ni,nij,nj->n", v, B, v))
     torch.testing.assert_close(m.ssm_objective(score, x, v, variance_reduced=True),
-                               torch.einsum("ni,nij,nj->n", v, J, v) + 0.5 * s.square().sum(1))
+                               torch.einsum("ni,nij,nj->n", v, K, v) + 0.5 * s.square().sum(1))
 
 
 def test_ssm_loss_averages_the_objective_over_its_projections(gen):
@@ -210,7 +210,7 @@ def test_ssm_loss_averages_the_objective_over_its_projections(gen):
 @pytest.mark.parametrize("kind", m.PROJECTIONS)
 @pytest.mark.parametrize("variance_reduced", [False, True], ids=["SSM", "SSM-VR"])
 def test_ssm_projection_variance_closed_form(kind, variance_reduced, gen):
-    """Var over v of the integrand at fixed x = Hutchinson variance of J + 1/2 s s^T (of J)."""
+    """Var over v of the integrand at fixed x = Hutchinson variance of K + 1/2 s s^T (of K)."""
     D, X, M = 5, 4, 100_000
     score = _tanh_score_net(D, gen)
     x = 1.5 * torch.randn(X, D, generator=gen, dtype=F64)
@@ -223,19 +223,19 @@ def test_ssm_projection_variance_closed_form(kind, variance_reduced, gen):
 
 
 def test_variance_reduction_difference_formula(gen):
-    """Gaussian v: Var_SSM - Var_SSM-VR = 2 s^T J s + 1/2 |s|^4 at every point; Rademacher is
+    """Gaussian v: Var_SSM - Var_SSM-VR = 2 s^T K s + 1/2 |s|^4 at every point; Rademacher is
     never noisier than Gaussian."""
     D = 20
     score = _tanh_score_net(D, gen, hidden=16)
     x = torch.randn(10, D, generator=gen, dtype=F64)
-    J, s = m.jacobian(score, x), score(x).detach()
-    diff = (m.ssm_projection_variance(J, s, "gaussian", False)
-            - m.ssm_projection_variance(J, s, "gaussian", True))
-    torch.testing.assert_close(diff, 2 * torch.einsum("ni,nij,nj->n", s, J, s)
+    K, s = m.jacobian(score, x), score(x).detach()
+    diff = (m.ssm_projection_variance(K, s, "gaussian", False)
+            - m.ssm_projection_variance(K, s, "gaussian", True))
+    torch.testing.assert_close(diff, 2 * torch.einsum("ni,nij,nj->n", s, K, s)
                                + 0.5 * s.square().sum(1) ** 2)
     for vr in (False, True):
-        assert (m.ssm_projection_variance(J, s, "rademacher", vr)
-                <= m.ssm_projection_variance(J, s, "gaussian", vr) + 1e-12).all()
+        assert (m.ssm_projection_variance(K, s, "rademacher", vr)
+                <= m.ssm_projection_variance(K, s, "gaussian", vr) + 1e-12).all()
 
 
 @pytest.mark.parametrize("D", [1, 8])
@@ -246,9 +246,9 @@ def test_variance_reduction_at_a_gaussian_optimum(D, gen):
     P = target.precisions[0]
     optimum = m.linear_score_model(-P, P @ target.means[0])
     x = m.sample_gaussian(target, 100_000, gen, F64)
-    J, s = -P.expand(len(x), D, D), optimum(x).detach()
-    diff = (m.ssm_projection_variance(J, s, "gaussian", False)
-            - m.ssm_projection_variance(J, s, "gaussian", True))
+    K, s = -P.expand(len(x), D, D), optimum(x).detach()
+    diff = (m.ssm_projection_variance(K, s, "gaussian", False)
+            - m.ssm_projection_variance(K, s, "gaussian", True))
     expected = 0.5 * torch.trace(P) ** 2 - P.square().sum()
     assert abs(_z(diff, expected)) < Z_MAX
     assert (expected < 0) if D == 1 else (expected > 0)
@@ -296,7 +296,7 @@ def test_ism_of_the_linear_model_is_fisher_minus_half_trace_of_precision(gen):
 
 
 def test_data_variance_of_the_ism_integrand_at_the_optimum(gen):
-    """Var_x[tr J + 1/2 |s_p(x)|^2] = 1/2 ||Sigma^{-1}||_F^2 (the dotted line of 4.2)."""
+    """Var_x[tr K + 1/2 |s_p(x)|^2] = 1/2 ||Sigma^{-1}||_F^2 (the dotted line of 4.2)."""
     target = m.gaussian_target(6, gen)
     P = target.precisions[0]
     optimum = m.linear_score_model(-P, P @ target.means[0])
@@ -351,7 +351,20 @@ def test_seconds_per_step_calls_the_step_within_its_budget():
         sum(range(200_000))
 
     m.seconds_per_step(slow, max_repeats=5, budget=1e-9)
-    assert len(calls) == 1  # longer than the budget: timed once
+    assert len(calls) == 2  # warm-up, then one timed call: longer than the budget
+
+
+def test_seconds_per_step_returns_the_best_timed_call(monkeypatch):
+    """Best-of-k: the minimum over the timed calls, never the warm-up (fake clock, no real
+    time is measured)."""
+    durations = iter([5.0, 3.0, 1.0, 2.0])  # warm-up (untimed), then three timed calls
+    clock = [0.0]
+
+    def step():
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(m.time, "perf_counter", lambda: clock[0])
+    assert m.seconds_per_step(step, max_repeats=3, budget=100.0) == 1.0
 
 
 # -- the script ---------------------------------------------------------------------------------
@@ -368,7 +381,8 @@ def test_quick_run_writes_all_figures(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "must be a positive integer"),
-    (["--fit-dim", "-3"], "must be a positive integer"),
+    (["--fit-dim", "-3"], "must be an integer >= 1"),
+    (["--fit-dim", "100000"], "must be at most 1000"),
     (["--projection", "sphere"], "invalid choice"),
     (["--stpes", "10"], "unrecognized arguments"),
 ])
