@@ -15,7 +15,7 @@ LEARNING OBJECTIVES:
   is easier to learn but describes a blurred version of the data.
 - Train on a Swiss roll and draw samples with Langevin dynamics using the learned score.
 - Denoise with Tweedie's formula E[x | x~] = x~ + sigma^2 grad log p_sigma(x~), and see that the
-  DSM loss is exactly the mean squared error of this denoiser.
+  DSM loss is exactly the mean squared error of this denoiser divided by 2 sigma^2.
 
 MATHEMATICAL BACKGROUND:
   Notation: data x ~ p on R^D, noise z ~ N(0, I), noisy point x~ = x + sigma z; |v|^2 = v^T v.
@@ -331,7 +331,7 @@ def training_steps(net: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], Te
     """
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    bar = tqdm(range(steps), desc=desc, leave=False)
+    bar = tqdm(range(steps), desc=desc, leave=False, disable=None)  # off in logs
     for step in bar:
         loss = loss_fn(net)
         opt.zero_grad(set_to_none=True)
@@ -756,7 +756,7 @@ def langevin_samples(net: torch.nn.Module, sigma: float, cfg: Config,
                                 generator)
     x = x_init
     for state in tqdm(chain, total=cfg.langevin_steps, desc=f"Langevin, sigma={sigma:g}",
-                      leave=False):
+                      leave=False, disable=None):
         x = state  # keep only the last state
     return x
 
@@ -830,7 +830,9 @@ def exercise_perturbed_gaussian_score(x: Tensor, mean: Tensor, cov: Tensor,
     Example: mean 0, cov = I in 2D, sigma = 1: at x~ = (2, 0) the score is (-1, 0).
 
     Hint: the score of N(m, C) is -C^{-1}(x - m). Use torch.linalg.solve rather than forming
-    an inverse.
+    an inverse. Mind the layout: x - mean holds one point per ROW (N, D), while solve(A, B)
+    solves for the COLUMNS of B (D, N). Transpose in and out: solve(C, (x - mean).T).T
+    (without it you get a shape error, or, when N = D, a silently wrong answer).
     """
     # TODO: one line, once you have the covariance of x~.
     raise NotImplementedError("Exercise 4.1: implement exercise_perturbed_gaussian_score")
