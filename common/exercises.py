@@ -65,17 +65,20 @@ def assert_close(actual, expected, *, what: str, hint: str = "", rtol: float = 1
     worst = int((err - allowed).flatten().argmax())
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), err.shape)) \
         if err.ndim else ()
+    where = f" at index {index}" if err.ndim else ""
     raise AssertionError(
         f"{what}: values differ.\n"
         f"  expected: {_preview(expected)}\n"
         f"  got:      {_preview(actual)}\n"
-        f"  largest error {err.flatten()[worst].item():.3g} at index {index} "
+        f"  largest error {err.flatten()[worst].item():.3g}{where} "
         f"(allowed {atol:g} + {rtol:g} * |expected|)"
         f"{hint_line}"
     )
 
 
 def _preview(t: torch.Tensor, n: int = 8) -> str:
+    if t.ndim == 0:
+        return f"{t.item():.6g}"
     flat = t.flatten()
     shown = ", ".join(f"{v:.4g}" for v in flat[:n].tolist())
     more = ", ..." if flat.numel() > n else ""

@@ -386,6 +386,10 @@ def test_assert_close_messages():
         exercises.assert_close(torch.tensor([float("nan")]), torch.ones(1), what="nan")
     with pytest.raises(AssertionError, match="expected a tensor"):
         exercises.assert_close(None, torch.ones(1), what="none")
+    # A scalar is shown as a number, without "(shape ())" or "index ()".
+    with pytest.raises(AssertionError) as info:
+        exercises.assert_close(1.5, 2.0, what="scalar")
+    assert "expected: 2\n" in str(info.value) and "()" not in str(info.value)
 
 
 def test_list_exercises_in_source_order():
