@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from common.datasets import GaussianMixture
+from common.datasets import GaussianMixture, swiss_roll
 from common.modules import load_module
 from common.plotting import grid_points
 
@@ -85,10 +85,61 @@ def test_dsm_loss_decomposes_into_score_error_plus_floor(gen):
     assert floor_terms.mean().abs() < 4 * floor_terms.std() / math.sqrt(n)
     assert m.dsm_loss_floor(perturbed, sigma, x_noisy) == pytest.approx(
         loss_exact.mean().item(), abs=4 * loss_exact.std().item() / math.sqrt(n))
+    # Section 2.4: the excess sigma^2/2 E|s_theta - s_sigma|^2 = sigma^2/2 R_sigma E|s_sigma|^2
+    fisher = perturbed.score(x_noisy).square().sum(1).mean().item()
+    assert excess.mean().item() == pytest.approx(
+        sigma**2 / 2 * m.relative_error(model, perturbed.score, x_noisy) * fisher, rel=1e-10)
+
+
+def test_dsm_derivation_steps(gen):
+    """The steps of Section 2.2: E[-z/sigma | x~] = s_sigma (through the posterior mean), the
+    cross term E[s_theta . z/sigma] = -E[s_theta . s_sigma], E|z|^2 = D, and the expanded form
+    J_DSM = 1/2 E|s_theta|^2 - E[s_theta . s_sigma] + D/(2 sigma^2) (Monte Carlo, 4 s.e.)."""
+    mix, sigma, n = m.mixture_2d(), 0.3, 200_000
+    perturbed = mix.perturbed(sigma)
+    model = _random_score(gen)
+    x0 = mix.sample(n, gen, dtype=F64)
+    z = torch.randn(n, 2, generator=gen, dtype=F64)
+    x_noisy = x0 + sigma * z
+    s_model, s_exact = model(x_noisy), perturbed.score(x_noisy)
+    # step 1: E[-z/sigma | x~] = -(x~ - E[x0 | x~]) / sigma^2 = s_sigma(x~), pointwise
+    torch.testing.assert_close(-(x_noisy - mix.posterior_mean(x_noisy, sigma)) / sigma**2,
+                               s_exact, rtol=1e-9, atol=1e-9)
+    # step 2: the cross term, and E|z|^2 = D
+    cross = (s_model * z / sigma).sum(1) + (s_model * s_exact).sum(1)
+    assert cross.mean().abs() < 4 * cross.std() / math.sqrt(n), cross.mean()
+    sq = z.square().sum(1) - 2
+    assert sq.mean().abs() < 4 * sq.std() / math.sqrt(n)
+    # step 3: the expanded loss (unweighted J_DSM of module 02's form, per sample)
+    j_dsm = 0.5 * (s_model + z / sigma).square().sum(1)
+    expanded = 0.5 * s_model.square().sum(1) - (s_model * s_exact).sum(1) + 2 / (2 * sigma**2)
+    diff = j_dsm - expanded
+    assert diff.mean().abs() < 4 * diff.std() / math.sqrt(n), diff.mean()
+
+
+def test_floor_is_sigma_squared_times_module_02_constant(gen):
+    """L*_sigma = sigma^2 C_sigma, with C_sigma = D/(2 sigma^2) - 1/2 E|s_sigma|^2 computed by
+    module 02's dsm_minus_esm (per sample, so the identity holds to round-off)."""
+    sm02, mix = load_module("02"), m.mixture_2d()
+    for sigma in (0.05, 0.4, 1.2):
+        perturbed = mix.perturbed(sigma)
+        x = perturbed.sample(5000, gen, dtype=F64)
+        c_sigma = sm02.dsm_minus_esm(perturbed.score, x, sigma)
+        assert m.dsm_loss_floor(perturbed, sigma, x) == pytest.approx(
+            sigma**2 * c_sigma.mean().item(), rel=1e-12)
+
+
+def test_learnable_part_of_the_loss_is_tiny_at_small_sigma(gen):
+    """sigma^2/2 E|s_sigma|^2 is about 5e-4 at sigma = 0.01 and 0.012 at 0.05 (docstring, 2.3)."""
+    mix = m.mixture_2d()
+    for sigma, stated, tol in ((0.01, 5e-4, 0.5e-4), (0.05, 0.012, 0.001)):
+        x = mix.perturbed(sigma).sample(100_000, gen, dtype=F64)
+        learnable = 1 - m.dsm_loss_floor(mix.perturbed(sigma), sigma, x)  # D/2 - L*
+        assert learnable == pytest.approx(stated, abs=tol), (sigma, learnable)
 
 
 def test_dsm_loss_is_the_denoising_error_of_tweedie(gen):
-    """sigma s(x~) + z = (D(x~) - x0)/sigma, so L_sigma = |D(x~) - x0|^2 / (2 sigma^2) exactly."""
+    """sigma s(x~) + z = (xhat(x~) - x0)/sigma, so L_sigma = |xhat(x~) - x0|^2 / (2 sigma^2)."""
     score = _random_score(gen)
     x0 = torch.randn(100, 2, generator=gen, dtype=F64)
     z = torch.randn(100, 2, generator=gen, dtype=F64)
@@ -111,6 +162,17 @@ def test_tweedie_with_exact_score_is_the_posterior_mean(gen, sigma):
                                    rtol=1e-10, atol=1e-10)
 
 
+def test_tweedie_by_bayes_with_autograd(gen):
+    """Section 2.5's middle step: grad log p_sigma (autograd of the exact log density, not the
+    closed-form score) = (E[x | x~] - x~) / sigma^2."""
+    mix, sigma = m.mixture_2d(), 0.6
+    x_noisy = mix.perturbed(sigma).sample(300, gen, dtype=F64).requires_grad_(True)
+    (grad,) = torch.autograd.grad(mix.perturbed(sigma).log_prob(x_noisy).sum(), x_noisy)
+    x_noisy = x_noisy.detach()
+    torch.testing.assert_close(grad, (mix.posterior_mean(x_noisy, sigma) - x_noisy) / sigma**2,
+                               rtol=1e-9, atol=1e-9)
+
+
 def test_posterior_mean_is_the_conditional_mean_by_simulation(gen):
     """E[x0 | x~] from common's Gaussian conditioning vs averaging x0 over pairs with x~ nearby.
 
@@ -127,9 +189,10 @@ def test_posterior_mean_is_the_conditional_mean_by_simulation(gen):
         assert (est - exact).abs() < 4 * se + 0.01, (point, est.item(), exact.item())
 
 
-def test_minimum_denoising_error_and_pythagoras(gen):
-    """E|E[x|x~] - x|^2 = sigma^2 (D - sigma^2 E|s_sigma|^2), and for any denoiser D(x~),
-    E|D - x|^2 = E|E[x|x~] - x|^2 + E|D - E[x|x~]|^2 (Monte Carlo, 4 standard errors)."""
+def test_minimum_denoising_error_and_cross_term(gen):
+    """E|E[x|x~] - x|^2 = sigma^2 (D - sigma^2 E|s_sigma|^2); for any denoiser xhat(x~) the
+    cross term E[(xhat - m) . (m - x)] is 0 (m = E[x|x~]), so E|xhat - x|^2 = E|m - x|^2 +
+    E|xhat - m|^2; and xhat - m = sigma^2 (s - s_sigma) (Monte Carlo, 4 standard errors)."""
     mix, sigma, n = m.mixture_2d(), 0.5, 200_000
     perturbed = mix.perturbed(sigma)
     x0 = mix.sample(n, gen, dtype=F64)
@@ -139,10 +202,20 @@ def test_minimum_denoising_error_and_pythagoras(gen):
         2 - sigma**2 * perturbed.score(x_noisy).square().sum(1))
     assert mmse_terms.mean().abs() < 4 * mmse_terms.std() / math.sqrt(n)
     # a deliberately poor denoiser: Tweedie with the score of the wrong noise level
-    other = m.tweedie_denoise(lambda x: mix.perturbed_score(x, 1.5 * sigma), x_noisy, sigma)
+    wrong_score = lambda x: mix.perturbed_score(x, 1.5 * sigma)  # noqa: E731
+    other = m.tweedie_denoise(wrong_score, x_noisy, sigma)
+    cross = ((other - posterior) * (posterior - x0)).sum(1)
+    assert cross.mean().abs() < 4 * cross.std() / math.sqrt(n), cross.mean()
     terms = ((other - x0).square().sum(1) - (posterior - x0).square().sum(1)
              - (other - posterior).square().sum(1))
     assert terms.mean().abs() < 4 * terms.std() / math.sqrt(n)
+    torch.testing.assert_close(other - posterior,
+                               sigma**2 * (wrong_score(x_noisy) - perturbed.score(x_noisy)),
+                               rtol=1e-9, atol=1e-9)
+    # the argument needs E[m - x | x~] = 0: with another function of x~ in m's place (here
+    # `other`), the cross term is far from zero
+    bad_cross = ((x_noisy - other) * (other - x0)).sum(1)
+    assert bad_cross.mean().abs() > 10 * bad_cross.std() / math.sqrt(n)
 
 
 # -- measuring a learned score ----------------------------------------------------------------
@@ -259,13 +332,75 @@ def test_quick_run_writes_all_figures(tmp_path):
     assert results["errors"][QUICK_SIGMA]["R"] < QUICK_BOUND
     for t in results["tweedie"].values():
         assert t["exact_max_err"] < 1e-12
-    assert results["roll"]["floor"] > 0
+    assert results["roll"]["floor"] > 0 and results["roll"]["floor_sd"] > 0
+    # Section 4.3: at sigma = 0.5 the learned score's distance to the clean score is the bias
+    assert results["vs_clean"][QUICK_SIGMA] == pytest.approx(results["bias"][QUICK_SIGMA],
+                                                              rel=0.2)
+    t = results["tweedie"][QUICK_SIGMA]
+    assert t["mse_noisy_se"] > 0 and t["mse_learned_se"] > 0 and t["mse_posterior_se"] > 0
+
+
+def test_cosine_lr_matches_the_scheduler():
+    """The learning-rate curve drawn in Figure 4.1 is the one training_steps uses."""
+    net = torch.nn.Linear(2, 2)
+    lr, steps, seen = 5e-3, 40, []
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    for _ in range(steps):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert m.cosine_lr(lr, range(steps), steps) == pytest.approx(seen, rel=1e-9, abs=1e-15)
+
+
+def test_langevin_runs_for_the_same_total_time_at_every_sigma():
+    """steps x step size = T (up to rounding one step) and step size = 0.5 sigma^2 (Section 4.5)."""
+    cfg = m.Config()
+    for sigma in (0.1, 0.25):
+        eps, steps = m.langevin_steps_for(sigma, cfg)
+        assert eps == pytest.approx(0.5 * sigma**2)
+        assert abs(steps * eps - cfg.langevin_time) <= eps / 2
+    assert m.langevin_steps_for(0.1, cfg)[1] == 6000 and m.langevin_steps_for(0.25, cfg)[1] == 960
+
+
+def test_swiss_roll_radius_runs_along_the_curve(gen):
+    """Without noise |x| = t/5 with t uniform in [1.5 pi, 4.5 pi]: radii uniform on [0.94, 2.83],
+    so the radius histogram of Section 4.5 is a histogram of the position along the roll."""
+    r = swiss_roll(100_000, gen, noise=0.0).norm(dim=1)
+    assert r.min() >= 1.5 * math.pi / 5 - 1e-9 and r.max() <= 4.5 * math.pi / 5 + 1e-9
+    counts = torch.histc(r, bins=10, min=1.5 * math.pi / 5, max=4.5 * math.pi / 5)
+    assert (counts / counts.mean() - 1).abs().max() < 0.05  # flat
+
+
+def test_mean_and_se():
+    values = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=F64)
+    mean, se = m.mean_and_se(values)
+    assert mean == 3.0 and se == pytest.approx(values.std().item() / 2)
+
+
+def test_sigma_range_keeps_a_low_density_region():
+    """At the largest allowed sigma the quick grid still has points outside the 99% region
+    (so the 'outside' error is defined); at 1.8 it has none (why the range stops at 1.5)."""
+    mix, gen = m.mixture_2d(), torch.Generator().manual_seed(0)
+    _, _, grid = grid_points(m.BOX, m.BOX, m.Config.quick().grid)
+    outside = {}
+    for sigma in (m.SIGMA_RANGE[1], 1.8):
+        perturbed = mix.perturbed(sigma)
+        log_c = m.hdr_log_threshold(perturbed.log_prob(perturbed.sample(20_000, gen, dtype=F64)))
+        outside[sigma] = int((perturbed.log_prob(grid) < log_c).sum())
+    assert outside[m.SIGMA_RANGE[1]] >= 5 and outside[1.8] == 0, outside
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "must be a positive integer"),
     (["--sigmas", "0.1", "-1"], "must be a positive finite number"),
-    (["--langevin-steps", "many"], "must be an integer"),
+    (["--sigmas", "0"], "must be a positive finite number"),
+    (["--sigmas", "nan"], "must be a positive finite number"),
+    (["--sigmas", "inf"], "must be a positive finite number"),
+    (["--sigmas", "1e-300"], "must lie in [0.01, 1.5]"),
+    (["--sigmas", "0.5", "2"], "must lie in [0.01, 1.5]"),
+    (["--langevin-time", "many"], "must be a number"),
+    (["--langevin-time", "0"], "must be a positive finite number"),
 ])
 def test_bad_flags_give_clear_errors(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
