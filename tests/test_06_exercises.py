@@ -96,9 +96,13 @@ def check_gaussian_score_rms(fn):
     sigma = torch.tensor([0.01, 0.1, 0.5, 2.0, 30.0], dtype=F64)
     expected = torch.stack([torch.linalg.inv(cov + s**2 * torch.eye(3, dtype=F64)).trace().sqrt()
                             for s in sigma])
-    assert_close(fn(cov, sigma), expected, what="RMS score for a 3D covariance at 5 noise levels",
-                 hint="E|s|^2 = tr((C + sigma^2 I)^{-1}); it is sqrt(D)/sigma only for large "
-                      "sigma", rtol=1e-8)
+    levels = ", ".join(f"{s:g}" for s in sigma.tolist())
+    assert_close(fn(cov, sigma), expected,
+                 what=f"RMS score for a 3D covariance at sigma = [{levels}] (index i is the "
+                      f"i-th sigma)",
+                 hint="E|s|^2 = tr((C + sigma^2 I)^{-1}) = sum_k 1 / (lambda_k + sigma^2): "
+                      "check sigma squared (the noise variance, not sigma, adds to C); the "
+                      "answer is sqrt(D)/sigma only for large sigma", rtol=1e-8)
     # Monte Carlo: sample x = x0 + sigma z and average |s(x)|^2 with the exact score.
     gen = torch.Generator().manual_seed(2)
     g = GaussianMixture([1.0], torch.zeros(1, 3, dtype=F64), cov[None])
@@ -108,12 +112,17 @@ def check_gaussian_score_rms(fn):
         mc, se = sq.mean().sqrt(), sq.std() / math.sqrt(len(sq)) / (2 * sq.mean().sqrt())
         value = fn(cov, torch.tensor([s], dtype=F64))[0]
         if abs(value - mc) > 5 * se:
-            raise AssertionError(f"RMS score at sigma={s}: Monte Carlo gives {mc:.4f} +- "
-                                 f"{se:.4f}, got {float(value):.4f}")
+            raise AssertionError(f"RMS score at sigma = {s}: Monte Carlo gives {mc:.4f} +- "
+                                 f"{se:.4f}, got {float(value):.4f}. Hint: check sigma squared")
 
 
 def rms_pure_law(cov, sigma):
     return math.sqrt(cov.shape[0]) / sigma
+
+
+def rms_sigma_not_squared(cov, sigma):
+    lam = torch.linalg.eigvalsh(cov)
+    return (1.0 / (lam[None, :] + sigma[:, None])).sum(1).sqrt()  # sigma where sigma^2 belongs
 
 
 def rms_trace_of_inverse_wrong(cov, sigma):
@@ -204,7 +213,7 @@ EXERCISES = [
     Exercise("exercise_weighted_dsm_loss", check_weighted_dsm_loss,
              [dsm_unweighted, dsm_sign_flipped, dsm_score_at_clean_data]),
     Exercise("exercise_gaussian_score_rms", check_gaussian_score_rms,
-             [rms_pure_law, rms_trace_of_inverse_wrong]),
+             [rms_pure_law, rms_sigma_not_squared, rms_trace_of_inverse_wrong]),
     Exercise("exercise_ema_closed_form", check_ema_closed_form,
              [ema_weights_reversed, ema_forgets_initial_weights]),
     Exercise("exercise_warmup_cosine_lambda", check_warmup_cosine_lambda,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.datasets import GaussianMixture
-from common.metrics import sliced_wasserstein
+from common.metrics import mmd_rbf, sliced_wasserstein
 from common.modules import load_module
 
 pytestmark = pytest.mark.ch06
@@ -53,6 +53,21 @@ def test_fourier_kernel_is_gaussian():
     assert (k - gauss).abs().max() < tol
     wrong = torch.exp(-2 * math.pi**2 * (2 * s) ** 2 * delta**2)
     assert (k - wrong).abs().max() > 10 * tol
+
+
+def test_fourier_kernel_side_lobes_have_rms_one_over_sqrt_e():
+    """Far from Delta = 0 the kernel is a mean of E/2 cosines of variance 1/2: RMS 1/sqrt(E)."""
+    E, draws = 64, 400
+    far = torch.linspace(0.05, 0.3, 126)  # beyond five kernel widths 1/(2 pi 16) = 0.01
+    ms = torch.stack([m.embedding_kernel(m.GaussianFourierFeatures(E, 16.0, generator=j), far)
+                      .square().mean() for j in range(draws)])
+    rms = ms.mean().sqrt().item()
+    assert rms == pytest.approx(1 / math.sqrt(E), rel=0.05)
+    # the check can fail: the other plausible constant 1/sqrt(E/2) is 41% larger
+    assert abs(rms - 1 / math.sqrt(E / 2)) > 0.2 / math.sqrt(E)
+    # and what demo_embeddings reports is the same quantity
+    out = m.side_lobe_rms(m.GaussianFourierFeatures(E, 16.0, generator=1), E, seed=0)
+    assert out["side_lobe_rms_avg"] == pytest.approx(1 / math.sqrt(E), rel=0.07)
 
 
 def test_sinusoidal_embedding_frequencies_and_shape():
@@ -205,6 +220,35 @@ def test_weighted_dsm_loss_floor_and_excess(sigma):
     torch.testing.assert_close(m.dsm_loss(exact, x0, sig, z, weighting="none"), loss / sigma**2)
 
 
+def test_loss_floor_is_denoising_error_and_not_monotone_for_the_mixture():
+    """floor = E|x0 - E[x0|x]|^2 / (2 sigma^2) with E[x0|x] = x + sigma^2 s* (Tweedie); for one
+    Gaussian it is 1/2 sum_k lambda_k / (lambda_k + sigma^2), falling with sigma, while the
+    eight-mode mixture's floor dips near sigma = 0.2 and rises again near sigma = 0.7."""
+    data, n = m.mixture_data(), 100_000
+    gen = torch.Generator().manual_seed(6)
+    for sigma in (0.1, 0.7):
+        x0 = data.sample(n, gen, dtype=F64)
+        x = x0 + sigma * torch.randn(x0.shape, generator=gen, dtype=F64)
+        s_star = data.perturbed_score(x, sigma)
+        mse = (x0 - (x + sigma**2 * s_star)).square().sum(1) / (2 * sigma**2)
+        floor = 0.5 * (2 - sigma**2 * s_star.square().sum(1))
+        diff = mse - floor
+        assert abs(diff.mean()) < 5 * diff.std() / math.sqrt(n)
+    sigmas = torch.tensor([0.05, 0.21, 0.68, 4.0])
+    rep = m.score_report(None, data, sigmas, 20_000, torch.Generator().manual_seed(7))
+    f, se = rep["floor"], rep["floor_se"]
+    assert f[0] > f[1] + 10 * se[:2].max()  # falls ...
+    assert f[2] > f[1] + 10 * se[1:3].max()  # ... rises again: modes 1.53 apart get confused
+    assert f[2] > f[3] + 10 * se[2:].max()  # ... and falls
+    cov = torch.tensor([[0.5, 0.2], [0.2, 0.3]], dtype=F64)
+    gauss = GaussianMixture([1.0], torch.zeros(1, 2, dtype=F64), cov[None])
+    rep = m.score_report(None, gauss, sigmas, 50_000, torch.Generator().manual_seed(8))
+    lam = torch.linalg.eigvalsh(cov)
+    closed = 0.5 * (lam[None] / (lam[None] + sigmas.double()[:, None] ** 2)).sum(1)
+    assert ((rep["floor"] - closed).abs() < 5 * rep["floor_se"]).all()
+    assert (closed[1:] < closed[:-1]).all()  # one Gaussian: monotone
+
+
 def test_per_level_mean_marks_empty_levels():
     values = torch.tensor([1.0, 2.0, 3.0, 5.0])
     level = torch.tensor([0, 0, 2, 2])
@@ -324,6 +368,24 @@ def test_annealed_langevin_with_exact_score_reaches_the_data():
     assert m.off_mode_fraction(x, data) > 0.5  # the check can fail: the starting points
 
 
+def test_sample_quality_noise_levels():
+    """The noise the text quotes: off-mode fraction +- sqrt(p (1-p) / n) = 0.23% for n = 2000,
+    and the unbiased MMD^2 of two data sets of one distribution scatters around 0 (so it can be
+    negative)."""
+    data, n = m.mixture_data(), 2000
+    gen = torch.Generator().manual_seed(9)
+    off = torch.tensor([m.off_mode_fraction(data.sample(n, gen, dtype=F64), data)
+                        for _ in range(300)])
+    p = math.exp(-4.5)
+    se = math.sqrt(p * (1 - p) / n)
+    assert se == pytest.approx(0.0023, abs=5e-5)
+    assert off.std().item() == pytest.approx(se, rel=0.15)  # std of a sample std: ~4% here
+    null = torch.tensor([mmd_rbf(data.sample(400, gen), data.sample(400, gen), bandwidth=0.3)
+                         for _ in range(60)])
+    assert abs(null.mean()) < 4 * null.std() / math.sqrt(len(null))
+    assert (null < 0).any()
+
+
 def test_off_mode_fraction_of_data_is_exp_minus_k2_over_2():
     data = m.mixture_data()
     x = data.sample(100_000, torch.Generator().manual_seed(0), dtype=F64)
@@ -340,12 +402,22 @@ def test_quick_run_writes_all_figures(tmp_path):
     assert r["jensen_ratio"] <= 1.0
     assert set(r["slopes"]) == set(m.VARIANTS)
     assert len(r["level_loss_final"]) == len(r["level_floor"]) == m.Config.quick().n_levels
+    assert (r["level_loss_se"] > 0).all() and (r["level_floor_se"] >= 0).all()
+    assert r["mmd_noise"] > 0
+    ladder = m.noise_ladder(m.Config.quick()).levels()
+    for ratio, sigma in r["rms_ratio_worst"].values():  # the signed ratio at its worst level
+        assert ratio > 0 and torch.isclose(ladder, torch.tensor(sigma)).any()
+    assert "SMOKE RUN" in m.quick_banner(m.Config.quick())
+    assert "runs on the CPU" in m.device_note(torch.device("cuda"))
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--train-steps", "0"], "must be a positive integer"),
     (["--langevin-steps", "many"], "must be an integer"),
-    (["--ema-decay", "1.5"], "must lie in [0, 1]"),
+    (["--ema-decay", "1.5"], "must lie in [0, 1)"),
+    (["--ema-decay", "1"], "must lie in [0, 1)"),
+    (["--ema-decay", "fast"], "must be a number"),
+    (["--slow-ema-decay", "1"], "must lie in [0, 1)"),
     (["--quikc"], "unrecognized arguments"),
 ])
 def test_bad_flags_give_clear_errors(argv, message, capsys, tmp_path):
