@@ -596,8 +596,6 @@ def demo_training(run, cfg: Config, mix: GaussianMixture) -> dict:
         roll_nets[sigma] = net
 
     fig, (ax_l, ax_r, ax_s) = plt.subplots(1, 3, figsize=(17, 4.8))
-    if fig.get_layout_engine() is None:  # --quick draws without a layout engine: make room
-        fig.subplots_adjust(wspace=0.45)  # for the learning-rate axis of the middle panel
     block = max(1, min(50, cfg.steps // 20))  # minibatch losses are noisy: average blocks
     for sigma in cfg.sigmas:
         h, e = histories[sigma], errors[sigma]

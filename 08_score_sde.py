@@ -1055,7 +1055,7 @@ def demo_likelihood(run, cfg: Config, data: GaussianMixture, sdes: dict) -> dict
     mesh = axes[2].pcolormesh(X, Y, diff, shading="auto", cmap="coolwarm",
                               vmin=-np.abs(diff).max(), vmax=np.abs(diff).max())
     fig.colorbar(mesh, ax=axes[2], label="ODE - true (nats)")
-    axes[2].set_title("difference: largest between the modes, where log p_t bends most")
+    axes[2].set_title("ODE minus true log p: largest between the modes,\nwhere log p_t bends most")
     axes[2].set_aspect("equal")
     axes[2].set_xlabel("$x_1$")
     fig.suptitle("Eight-Gaussian data, VP SDE, exact score, exact divergence")
