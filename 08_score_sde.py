@@ -116,15 +116,15 @@ class Config:
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(n_samples=200, sampler_steps=30, train_steps=100, batch_size=256, grid=8,
-                   forward_paths=1000, forward_steps=200, hutchinson_probes=4)
+        return cls(n_samples=200, sampler_steps=30, train_steps=60, batch_size=256, grid=8,
+                   forward_paths=1000, forward_steps=100, hutchinson_probes=4)
 
 
 def make_parser():
     """The shared flags (common.cli) plus this module's own."""
     parser = shared_parser("Module 08: score-based generative modelling with SDEs.")
     parser.add_argument("--train-steps", type=positive_int, default=None,
-                        help="training steps per SDE (default 2500, or 100 with --quick)")
+                        help="training steps per SDE (default 2500, or 60 with --quick)")
     parser.add_argument("--sampler-steps", type=positive_int, default=None,
                         help="time steps of the EM and PC samplers "
                              "(default 300, or 30 with --quick)")
