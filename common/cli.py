@@ -2,7 +2,7 @@
 
 Every module accepts the same flags::
 
-    --quick          a smoke run of a few seconds (used by the tests)
+    --quick          a smoke run with tiny sizes, 5-15 s (used by the tests)
     --device D       auto | cpu | cuda | mps  (auto: cuda, then mps, then cpu)
     --seed N         random seed (default 0)
     --outdir DIR     where figures go; each module writes to DIR/<module name>/ (default outputs/)
@@ -87,7 +87,8 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` that already has the shared flags; add module flags to it."""
     parser = argparse.ArgumentParser(description=description)
     shared = parser.add_argument_group("flags shared by every module")
-    shared.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, seconds")
+    shared.add_argument("--quick", action="store_true",
+                        help="smoke run: tiny sizes, 5-15 s; numbers are not meaningful")
     shared.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                         help="where to run (default: auto = cuda, then mps, then cpu)")
     shared.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default: 0)")
