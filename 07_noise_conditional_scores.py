@@ -27,23 +27,31 @@ MATHEMATICAL BACKGROUND:
 - sigma_max (NCSNv2 Technique 1): p_{sigma_max} must have no deep valley between any two
   modes, so sigma_max must be comparable to their separation (here |mu_1 - mu_2| = 14.1 and the
   0.8/0.2 modes merge at sigma = 4.6). NCSNv2's rule sigma_max ~ max_{i,j} |x_i - x_j| over the
-  training data is a safe upper bound (equal-weight modes at distance d merge at
-  sqrt(1 + sigma^2) = d/2).
-- gamma (Technique 2): for x ~ N(0, sigma^2 I) in D dimensions |x| ~ N(sigma sqrt(D),
-  sigma^2 / 2) approximately. Level i should put about half its mass inside the 3-std shell
+  training data is a safe upper bound (equal-weight unit-variance modes at distance d merge
+  at sqrt(1 + sigma^2) = d/2, the worst case; unequal weights merge earlier).
+- gamma (Technique 2): treating the data as one point, x ~ N(0, sigma^2 I) in D dimensions;
+  |x|^2 = sigma^2 chi^2_D has mean D sigma^2 and variance 2 D sigma^4, so approximately
+  |x| ~ N(sigma sqrt(D), sigma^2 / 2). Level i should put about half its mass inside the 3-std shell
   of level i-1, |x| in [gamma sigma_i (sqrt(D) - 3/sqrt(2)), gamma sigma_i (sqrt(D) + 3/sqrt(2))]:
       C(gamma, D) = Phi(sqrt(2D)(gamma - 1) + 3 gamma) - Phi(sqrt(2D)(gamma - 1) - 3 gamma) ~ 0.5
-  (solvable only for sqrt(2D) > 3, i.e. D >= 5; for D <= 4 every gamma gives C > 0.5).
+  (solvable only for sqrt(2D) > 3, i.e. D >= 5; for D <= 4 every gamma gives C >= 0.997).
 - Annealed Langevin dynamics, step alpha_i = eps sigma_i^2 / sigma_L^2 (eps = step at sigma_L):
       for i = 1..L, T times:  x <- x + (alpha_i / 2) s(x, sigma_i) + sqrt(alpha_i) z
       final denoising step:   x <- x + sigma_L^2 s(x, sigma_L) = E[x_0 | x]     (Tweedie)
-- Why sigma^2: near a mode p_sigma is about N(mu, sigma^2 I) (sigma above the data's detail),
-  so with r = alpha_i / sigma_i^2 the chain x <- (1 - r/2) x + sqrt(r) sigma_i z is the same
-  at every level in units of sigma_i: equal mixing per step, equal relative bias.
+- Why sigma^2: where sigma is above the data's detail, p_sigma near a mode is about
+  N(mu, sigma^2 I), so with r = alpha_i / sigma_i^2 the chain x <- (1 - r/2) x + sqrt(r) sigma_i z
+  is the same at every such level in units of sigma_i: equal mixing per step, equal relative
+  bias. Here each mode has unit variance, p_sigma has variance 1 + sigma^2 per mode, and the
+  relative variance bias of the step r sigma^2 is about r sigma^2 / (4 (1 + sigma^2)): r/4 at
+  large sigma, fading below sigma ~ 1.
+- Step conventions: Song and Ermon (2019) write x + (alpha/2) s + sqrt(alpha) z (as here);
+  NCSNv2's code writes x + alpha' s + sqrt(2 alpha') z, so alpha' = alpha / 2 and their eps
+  (step_lr) is half of ours.
 - Technique 4 (our step convention): start at N(0, gamma^2 sigma_i^2 I) (the previous level),
   target N(0, sigma_i^2 I), a = 1 - r/2. After T steps the variance ratio is
       v_T / sigma_i^2 = 1 + a^(2T) (gamma^2 - s_inf) + (s_inf - 1),   s_inf = 1 / (1 - r/4)
-  (s_inf is module 03's ULA bias v / (1 - eps/(4v))). Both excess terms are positive: the first
+  (s_inf is module 03's ULA stationary variance v / (1 - eps/(4v)) divided by v, at eps = r v).
+  Both excess terms are positive: the first
   (what is left of the wider start) falls with r, the second (discretisation bias, ~ r/4)
   rises. NCSNv2 fixes T by the budget and takes the r that minimises their sum.
 - Training loss (module 06): (1/2) E |sigma s(x~, sigma) + z|^2, averaged over the levels. The
@@ -61,14 +69,15 @@ IMPLEMENTATION NOTES:
   level and after the denoising step, and it works for any x shape (2D points and images).
   The two agree exactly when step_ratio = eps / sigma_L^2 (a test checks it).
 - 2D work is float64 with exact scores; the network runs in float32.
-- CPU time on one core (measured on a shared 2-core machine): the default run (exact-score
-  sampling, a sigma_max sweep, one network trained for 2,500 steps) 65 to 80 s; --quick
-  about 13 s. `--images` adds a small MNIST U-Net (1,500 training steps, then 64 samples over
-  95 levels): about 8 minutes more (7.5 to 8.6 measured), needs MNIST under the data root.
+- CPU time on one core (user + sys, measured on a shared 2-core machine): the default run
+  (exact-score sampling, a sigma_max sweep, one network trained for 2,500 steps) 85 to 95 s;
+  --quick about 13 s. `--images` adds a small MNIST U-Net (1,500 training steps, then 64
+  samples over 95 levels): about 8 minutes more (7.5 to 8.6 measured), needs MNIST under the
+  data root.
 
 Run:
     python 07_noise_conditional_scores.py            # figures in outputs/07_noise_.../
-    python 07_noise_conditional_scores.py --quick    # smoke run, a few seconds
+    python 07_noise_conditional_scores.py --quick    # smoke run, about 13 s of CPU
     SBGM_DATA_DIR=/path/to/data python 07_noise_conditional_scores.py --images   # + MNIST
     pytest tests/test_07_noise_conditional_scores.py tests/test_07_exercises.py
 
@@ -116,6 +125,7 @@ langevin03 = load_module("03")  # langevin_step, langevin, mode_fractions
 nets06 = load_module("06")  # NoiseConditionalScoreNet, GeometricNoise, EMA, training_loop, ...
 
 MODULE = "07_noise_conditional_scores"
+BASELINE = "data vs data (baseline)"  # the quality row of fresh data draws (Section 4.2)
 Tensor = torch.Tensor
 NoiseScoreFn = Callable[[Tensor, Tensor], Tensor]  # (x: (N, ...), sigma: (N,)) -> (N, ...)
 F64 = torch.float64
@@ -135,8 +145,8 @@ class Config:
     steps_per_level: int = 100  # T
     step_ratio: float = 0.3  # r = alpha_i / sigma_i^2 = eps / sigma_L^2
     plain_step: float = 0.1  # module 03's step size for plain Langevin
-    sweep_sigma_max: tuple = (0.5, 1.0, 2.0, 3.0, 5.0)  # around where the modes merge (4.6)
-    show_sigmas: tuple = (4.0, 2.0, 0.5)  # levels drawn between sigma_1 and sigma_L (4.5)
+    sweep_sigma_max: tuple = (0.5, 1.0, 2.0, 3.0, 5.0)  # around the merging sigma, 4.64
+    show_sigmas: tuple = (4.0, 2.0, 0.5)  # levels drawn between sigma_1 and sigma_L (Section 4.5)
     # the noise-conditional network (module 06's NoiseConditionalScoreNet)
     hidden: int = 128
     n_layers: int = 3
@@ -148,7 +158,7 @@ class Config:
     grad_clip: float = 1.0
     ema_decay: float = 0.995
     n_floor: int = 20_000  # Monte Carlo points per level for the loss floor
-    n_floor_draws: int = 8  # fresh data sets averaged for the SW2 / MMD^2 floor
+    n_baseline_draws: int = 8  # fresh data sets averaged for the data-vs-data SW2 / MMD^2
     # MNIST (--images)
     image_train_steps: int = 1500
     image_batch: int = 64
@@ -160,7 +170,7 @@ class Config:
     def quick(cls) -> Config:
         return cls(n_maxdist=300, n_overlap_mc=2000, n_samples=400, steps_per_level=10,
                    sweep_sigma_max=(1.0,), hidden=64, train_steps=100, batch_size=256,
-                   warmup_steps=20, ema_decay=0.9, n_floor=2000, n_floor_draws=3,
+                   warmup_steps=20, ema_decay=0.9, n_floor=2000, n_baseline_draws=3,
                    image_train_steps=20, image_batch=16, image_samples=16, image_steps_per_level=1)
 
 
@@ -212,18 +222,26 @@ def make_parser():
 # If $p_{\sigma_1}$ still has a deep valley between two modes, the chains that start on one side
 # stay there, and the mass each mode gets is decided by where the chains start: the failure of
 # 2.1 again. So $\sigma_\max$ must be **comparable to the separation of the modes**: large
-# enough that the modes of $p_{\sigma_\max}$ have merged (here $\sigma_\max \gtrsim 4.6$, a third
-# of $|\mu_1 - \mu_2|$). NCSNv2's rule
+# enough that the modes of $p_{\sigma_\max}$ have merged (here $\sigma_\max \gtrsim 4.6$, about a
+# third of $|\mu_1 - \mu_2|$ for these 0.8/0.2 weights). NCSNv2's rule
 # $$ \sigma_\max \approx \max_{i \ne j} |x_i - x_j| $$
 # over the training set is a **safe upper bound**: two equal-weight bumps of standard deviation
-# $s$ at distance $d$ merge once $s \ge d/2$, so $\sigma_\max = d_\max$ merges every pair of
+# $s$ at distance $d$ merge once $s \ge d/2$ (here $s^2 = 1 + \sigma^2$, so at
+# $\sigma = \sqrt{(d/2)^2 - 1} = 7.0$ for $d = 14.1$). Unequal weights merge *earlier*: the light
+# bump is swallowed by the heavy one's flank before the two reach $d/2$ (4.6 rather than 7.0
+# for 0.8/0.2), so equal weights are the worst case, and "a third of $|\mu_1 - \mu_2|$" is a
+# property of 0.8/0.2, not a rule. $\sigma_\max = d_\max$ merges every pair of
 # points with room to spare, and $p_{\sigma_\max}$ is close to $\mathcal{N}(0, \sigma_\max^2 I)$,
 # where the chains start. Going further up only costs levels. Section 4.2 sweeps $\sigma_\max$
 # across the merging point: 0.5, 1 and 2 fail, 3 is in between, 5 and the rule's 20.5 work.
 #
 # ## 2.4 How close must the levels be? (Technique 2)
-# In $D$ dimensions $|x|$ for $x \sim \mathcal{N}(0, \sigma^2 I)$ concentrates at
-# $\sigma\sqrt{D}$ with standard deviation about $\sigma/\sqrt{2}$: the mass lives in a thin
+# NCSNv2 treats the data as a single point at these large $\sigma$ (its spread is small next to
+# $\sigma\sqrt D$), so $p_\sigma \approx \mathcal{N}(0, \sigma^2 I)$. Then
+# $|x|^2 = \sigma^2\chi^2_D$ has mean $D\sigma^2$ and variance $2D\sigma^4$; since
+# $d|x| = d|x|^2 / (2|x|)$, the standard deviation of $|x|$ is about
+# $\sqrt{2D}\,\sigma^2 / (2\sigma\sqrt D) = \sigma/\sqrt 2$, and
+# $|x| \approx \mathcal{N}(\sigma\sqrt D, \sigma^2/2)$: in high $D$ the mass lives in a thin
 # shell. Chains leaving level $i-1$ (radius $\gamma\sigma_i\sqrt D$) must land where level $i$
 # has mass. Asking that level $i$ puts about half its mass inside the 3-standard-deviation
 # shell of level $i-1$, $|x| \in \gamma\sigma_i[\sqrt D - 3/\sqrt2,\ \sqrt D + 3/\sqrt2]$, and
@@ -232,8 +250,10 @@ def make_parser():
 #                 - \Phi\big(\sqrt{2D}(\gamma - 1) - 3\gamma\big) \approx 0.5 . $$
 # For MNIST ($D = 784$) this gives $\gamma \approx 1.08$; for CIFAR-10 ($D = 3072$)
 # $\gamma \approx 1.04$ (NCSNv2 used 232 levels from 50 to 0.01, ratio 1.037). In **2D the
-# criterion cannot bind**: the lower argument $\gamma(\sqrt{2D} - 3) - \sqrt{2D}$ never rises
-# to 0 when $\sqrt{2D} < 3$, so $C > 0.5$ for every ratio. Low-dimensional Gaussians are not
+# criterion cannot bind**: the lower argument $\gamma(\sqrt{2D} - 3) - \sqrt{2D}$ equals $-3$ at
+# $\gamma = 1$ and, when $\sqrt{2D} < 3$, *falls* as $\gamma$ grows, so it stays below $-3$; the
+# upper argument $\gamma(\sqrt{2D} + 3) - \sqrt{2D}$ starts at 3 and rises. Hence
+# $C \ge \Phi(3) - \Phi(-3) = 0.997 > 0.5$ for every ratio. Low-dimensional Gaussians are not
 # thin shells, and consecutive levels overlap whatever $\gamma$ is.
 # Once $\gamma$ is fixed, $L = 1 + \log(\sigma_\max/\sigma_\min)/\log\gamma$.
 #
@@ -242,32 +262,52 @@ def make_parser():
 # 2 here). Below that the valley is too deep to cross in $T$ steps and each chain's mode is
 # frozen; the heavy mode keeps about the mass $p_\sigma$ had on its side at the last level
 # where chains still crossed (0.781 at $\sigma = 3.8$, 0.796 at $\sigma = 2.7$; Section 4.4
-# plots this curve). NCSN's 2D toy used $L = 10$; from 20.5 down to 0.01 that is $\gamma = 2.33$,
-# with a single level (3.8) in that range. We use $L = 20$ ($\gamma = 1.49$: levels at 4.1, 2.7
-# and 1.8), and the summary table shows the $L = 10$ ladder beside it.
+# plots this curve). A 10-level ladder over the same range (20.5 down to 0.01) has
+# $\gamma = 2.33$ and a single level (3.8) in that range. We use $L = 20$ ($\gamma = 1.49$:
+# levels at 4.1, 2.7 and 1.8), and the summary table shows the 10-level ladder beside it (with
+# $2T$ steps per level, the same total). The equilibrium masses predict only a small gap,
+# 0.781 against 0.796, about 1.5 standard errors of our 2000 chains: here 10 levels are only
+# slightly worse, and either would do; the gap grows with the separation of the modes.
 #
 # ## 2.5 Why the step scales with $\sigma^2$
 # At level $i$ the score has size about $1/\sigma_i$ and the density varies on the scale
-# $\sigma_i$. With $\alpha_i = r\sigma_i^2$ and
-# $p_{\sigma_i} \approx \mathcal{N}(\mu, \sigma_i^2 I)$ near a mode, the Langevin step
-# (module 03) is
+# $\sigma_i$. **Where $\sigma_i$ is above the data's detail** (here: above the modes' unit
+# width), $p_{\sigma_i} \approx \mathcal{N}(\mu, \sigma_i^2 I)$ near a mode, and with
+# $\alpha_i = r\sigma_i^2$ the Langevin step (module 03) is
 # $$ x - \mu \leftarrow (1 - r/2)(x - \mu) + \sqrt{r}\,\sigma_i z, $$
-# identical at every level once lengths are measured in units of $\sigma_i$: the same mixing
-# per step and the same relative bias everywhere. Song and Ermon write
-# $\alpha_i = \epsilon\,\sigma_i^2/\sigma_L^2$, so $\epsilon$ is the step at the last level and
-# $r = \epsilon/\sigma_L^2$; we use both names.
+# identical at every such level once lengths are measured in units of $\sigma_i$: the same
+# mixing per step and the same relative bias, $r/4$ (module 03's ULA bias). Below the data's
+# detail the picture changes. Here a mode of $p_\sigma$ is $\mathcal{N}(\mu, (1 + \sigma^2) I)$,
+# and 11 of our 20 levels have $\sigma < 1$. Module 03's stationary variance
+# $v/(1 - \alpha/(4v))$ with $v = 1 + \sigma^2$ and $\alpha = r\sigma^2$ gives the relative bias
+# $$ \frac{v_\infty}{v} - 1 \approx \frac{r\,\sigma^2}{4(1 + \sigma^2)}
+#    \qquad (r/4 \text{ for } \sigma \gg 1,\ \text{about } r\sigma^2/4 \to 0
+#    \text{ for } \sigma \ll 1; \text{ a test checks it}), $$
+# and the contraction per step, $1 - r\sigma^2/(2(1 + \sigma^2))$, slows down in the same way.
+# So the $\sigma^2$ scaling makes the large levels alike; at the small levels the step is
+# cautious, which is harmless because by then each chain only has to settle inside its mode.
+#
+# **Conventions.** Song and Ermon (2019) write $\alpha_i = \epsilon\,\sigma_i^2/\sigma_L^2$, so
+# $\epsilon$ is the step at the last level and $r = \epsilon/\sigma_L^2$; we use both names, with
+# the update $x + (\alpha_i/2)\,s + \sqrt{\alpha_i}\,z$ of their Algorithm 1. NCSNv2's code
+# (`anneal_Langevin_dynamics` in ermongroup/ncsnv2) writes
+# $x + \alpha'_i\,s + \sqrt{2\alpha'_i}\,z$: the same update with $\alpha' = \alpha/2$. Their
+# $\epsilon$ (`step_lr`) is therefore half of
+# ours, and every formula below reads in their units with $r \to 2r'$ (Exercise 7.2 redoes
+# Technique 4 in their convention).
 #
 # ## 2.6 How large a step, how many steps? (Technique 4)
 # Take the same picture one step further: a chain arrives from level $i-1$ with variance
 # $\gamma^2\sigma_i^2$ and runs $T$ steps towards $\mathcal{N}(0, \sigma_i^2 I)$. With
 # $a = 1 - r/2$ the variance obeys $v \leftarrow a^2 v + r\sigma_i^2$, hence
 # $$ \frac{v_T}{\sigma_i^2} = 1
-#    + \underbrace{a^{2T}\big(\gamma^2 - s_\infty\big)}_{\text{left of the start}}
+#    + \underbrace{a^{2T}\big(\gamma^2 - s_\infty\big)}_{\text{what remains of the wider start}}
 #    + \underbrace{(s_\infty - 1)}_{\text{step bias}}, \qquad
 #    s_\infty = \frac{r}{1 - a^2} = \frac{1}{1 - r/4}, $$
-# where $s_\infty$ is module 03's ULA bias $v/(1 - \epsilon/(4v))$. Both excess terms are
-# positive (for $\gamma^2 > s_\infty$), so the ratio is above 1 for every $r$ and cannot be made
-# equal to 1: a small step leaves the chain too wide (the first term, about
+# where $s_\infty$ is module 03's ULA stationary variance $v/(1 - \epsilon/(4v))$ divided by $v$
+# (with $\epsilon = rv$). The ratio is above 1 for every $r$: with $w = a^{2T}$ it is
+# $w\gamma^2 + (1 - w)s_\infty$, a weighted average of $\gamma^2 > 1$ and $s_\infty > 1$. It
+# cannot be made equal to 1: a small step leaves the chain too wide (the first term, about
 # $(\gamma^2 - 1) e^{-rT}$), a large step makes the stationary law too wide (the second, about
 # $r/4$). NCSNv2 fixes $T$ by the budget and takes the $r$ that **minimises the sum** of the
 # two, i.e. brings the ratio as close to 1 as it can get (the right panel of the first
@@ -277,8 +317,16 @@ def make_parser():
 # between modes* (2.2) needs the chains to cross from one side to the other while the modes
 # separate, and what counts for that is the time $rT$ each level runs, in units of
 # $\sigma_i^2$. Section 4 runs both: $r = 0.3$ (stationary variance $1/(1 - 0.3/4) = 1.08$
-# times too large at each level, an error that fades at the small levels, where $\sigma_i^2$ is
-# tiny next to the data's own variance) recovers the weights better than Technique 4's $r$.
+# times too large at the large levels, an error that fades at the small levels as 2.5 showed,
+# because there $\sigma_i^2$ is small next to the data's own variance) recovers the weights
+# better than Technique 4's $r$.
+#
+# **Picking $r$ in practice.** When the data has *modes to weigh* at the levels where they
+# separate (our 2D mixture), take the largest $r$ whose bias $\approx r/4$ you can accept, so
+# that $rT$ is long enough for chains to cross (we use $r = 0.3$, $rT = 30$, an 8% variance
+# excess at the large levels). When the levels are *close* and the main risk is arriving with
+# the previous level's width (images: $\gamma = 1.08$, and only $T = 5$ steps per level in
+# 4.6), Technique 4's $r$ is the right rule: it is the best compromise for that $T$.
 #
 # ## 2.7 The final denoising step
 # The last level samples $p_{\sigma_L}$, i.e. data plus $\mathcal{N}(0, \sigma_L^2 I)$ noise.
@@ -398,11 +446,13 @@ def technique4_step_ratio(n_steps: int, gamma: float) -> float:
 # `*levels, x = annealed_langevin_states(...)` gives both the trajectory over levels and the
 # result. Each update is module 03's `langevin_step` with the step $\alpha_i$ of level $i$.
 # Module 06's `annealed_langevin(score, x, sigmas, T, step_ratio)` is the same algorithm
-# returning only the end point, with `step_ratio` $= \epsilon/\sigma_L^2$.
+# returning only the end point, with `step_ratio` $= \epsilon/\sigma_L^2$. Its positional order
+# differs from ours, so here the step arguments are keyword-only:
+# `annealed_langevin(score, x, sigmas, eps=..., n_steps=...)` cannot be mixed up with 06's.
 
 # %%
 @torch.no_grad()
-def annealed_langevin_states(score_fn: NoiseScoreFn, x: Tensor, sigmas: Tensor, eps: float,
+def annealed_langevin_states(score_fn: NoiseScoreFn, x: Tensor, sigmas: Tensor, *, eps: float,
                              n_steps: int, generator: torch.Generator | None = None,
                              denoise: bool = True, progress: bool = False) -> Iterator[Tensor]:
     """Song and Ermon (2019), Algorithm 1, plus the final denoising step.
@@ -411,10 +461,12 @@ def annealed_langevin_states(score_fn: NoiseScoreFn, x: Tensor, sigmas: Tensor, 
     alpha_i = eps sigma_i^2 / sigma_L^2; yields x after each level (L states), then, if
     ``denoise``, x + sigma_L^2 s(x, sigma_L) (one more state).
     score_fn(x: (N, ...), sigma: (N,)) -> (N, ...); x: (N, ...) the start, e.g.
-    sigma_1 * N(0, I); sigmas: (L,) decreasing; eps: the step at sigma_L.
+    sigma_1 * N(0, I); sigmas: (L,) decreasing; eps: the step at sigma_L (keyword-only, as are
+    n_steps and the rest: module 06's annealed_langevin takes (n_steps, step_ratio) positionally).
     """
     alphas = step_sizes(sigmas.double(), eps).tolist()
     levels = list(zip(sigmas.tolist(), alphas))
+    sigma_last = levels[-1][0]
     for sigma, alpha in tqdm(levels, desc="annealed Langevin", disable=not progress,
                              mininterval=0.5):
         level = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
@@ -424,14 +476,16 @@ def annealed_langevin_states(score_fn: NoiseScoreFn, x: Tensor, sigmas: Tensor, 
         yield x
     if denoise:
         # Tweedie: E[x0 | x] = x + sigma_L^2 s(x, sigma_L)
-        yield x + sigma**2 * score_fn(x, level)
+        last = torch.full((x.shape[0],), sigma_last, dtype=x.dtype, device=x.device)
+        yield x + sigma_last**2 * score_fn(x, last)
 
 
-def annealed_langevin(score_fn: NoiseScoreFn, x: Tensor, sigmas: Tensor, eps: float,
+def annealed_langevin(score_fn: NoiseScoreFn, x: Tensor, sigmas: Tensor, *, eps: float,
                       n_steps: int, generator: torch.Generator | None = None,
                       denoise: bool = True) -> Tensor:
-    """The last state of annealed_langevin_states: (N, ...) samples."""
-    *_, x = annealed_langevin_states(score_fn, x, sigmas, eps, n_steps, generator, denoise)
+    """The last state of annealed_langevin_states: (N, ...) samples (keyword-only steps)."""
+    *_, x = annealed_langevin_states(score_fn, x, sigmas, eps=eps, n_steps=n_steps,
+                                     generator=generator, denoise=denoise)
     return x
 
 
@@ -447,7 +501,7 @@ def prior_sample(n: int, shape: tuple, sigma_max: float, generator: torch.Genera
 # The level enters as module 06's Gaussian Fourier features of $\log\sigma$, projected to a
 # per-channel bias in every block, and the output is divided by $\sigma$ (NCSNv2's trick,
 # module 06). About 0.2 M parameters: a demonstration that runs on a CPU, not a model for
-# good digits (module 09 builds that).
+# good digits (the image chapters later build that).
 
 # %%
 class ConvBlock(nn.Module):
@@ -565,7 +619,7 @@ def demo_schedule(run, cfg: Config, data: GaussianMixture) -> dict:
     ax.semilogy(i, alphas.numpy(), "s-", label=r"step $\alpha_i = r\,\sigma_i^2$")
     ax.axhline(1.0, color="gray", ls=":", label="std of each mode (1)")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-    ax.set(xlabel="level i", ylabel="value",
+    ax.set(xlabel="level i", ylabel=r"noise level $\sigma_i$ and step $\alpha_i$ (log scale)",
            title=f"2D ladder: $\\sigma_{{max}}$ = {sigma_max:.1f}, $\\gamma$ = {gamma:.2f}, "
                  f"L = {cfg.n_levels}")
     ax.legend(fontsize=8)
@@ -577,7 +631,7 @@ def demo_schedule(run, cfg: Config, data: GaussianMixture) -> dict:
     ax.loglog(r, variance_ratio_after(r, T, gamma) - 1, lw=2.5, color="tab:blue",
               label=f"$v_T/\\sigma_i^2 - 1$ (T = {T}, $\\gamma$ = {gamma:.2f})")
     ax.loglog(r, (1 - r / 2) ** (2 * T) * (gamma**2 - s_inf), "--", color="tab:orange",
-              label=r"left of the start $a^{2T}(\gamma^2 - s_\infty)$")
+              label=r"remains of the wider start: $a^{2T}(\gamma^2 - s_\infty)$")
     ax.loglog(r, s_inf - 1, ":", color="k", label=r"step bias $s_\infty - 1 = 1/(1 - r/4) - 1$")
     ax.axvline(r4, color="tab:green", ls="--", label=f"Technique 4 (minimum): r = {r4:.3f}")
     ax.axvline(cfg.step_ratio, color="tab:red", ls="-.", label=f"used: r = {cfg.step_ratio:g}")
@@ -598,23 +652,36 @@ def demo_schedule(run, cfg: Config, data: GaussianMixture) -> dict:
 # $L \cdot T$ steps: plain Langevin (module 03's `langevin`, step 0.1, the data score) and
 # annealed Langevin with the exact $\nabla\log p_{\sigma_i}$, once with our $r = 0.3$ and once
 # with Technique 4's $r$ (2.6). Two variations follow: a sweep of $\sigma_\max$ across the
-# merging point of 2.3 (same $L$, so $\gamma$ changes with $\sigma_\max$), and NCSN's $L = 10$
-# ladder with $2T$ steps per level (2.4). The recovered weight is the fraction of samples whose
-# most responsible component is the heavy one (module 03's `mode_fractions`); with
-# $N = 2000$ chains its standard error is $\sqrt{0.8 \cdot 0.2 / 2000} = 0.009$.
+# merging point of 2.3 (same $L$, so $\gamma$ changes with $\sigma_\max$), and a 10-level
+# ladder over the same range with $2T$ steps per level (2.4). The recovered weight is the
+# fraction of samples whose most responsible component is the heavy one (module 03's
+# `mode_fractions`); with $N = 2000$ chains its standard error is
+# $\sqrt{0.8 \cdot 0.2 / 2000} = 0.009$.
 #
 # **Distances to the data.** Two numbers compare a whole sample with a fresh data set:
 # - the sliced Wasserstein distance $SW_2$ (modules 03-04): the RMS cost of transporting one
 #   sample onto the other, averaged over 1D projections. Here it is dominated by the weight
 #   error: moving a fraction $\Delta w$ of the mass across the 14-unit gap costs
-#   $\Delta w \cdot 14^2$ in squared transport distance (about half of that survives the
-#   projections), far more than any error in the shape of a mode.
+#   $\Delta w \cdot 14^2$ in squared transport distance, of which about 0.4 survives the
+#   projections (a half from averaging $\cos^2$ over directions, and a little less because the
+#   moved mass only travels from the near edge of one mode to the near edge of the other; a test
+#   checks it). Plain Langevin's $\Delta w = 0.29$ thus predicts
+#   $SW_2 \approx \sqrt{0.4 \cdot 0.29 \cdot 200} = 4.8$. That is far more than any error in the
+#   shape of a mode.
 #   Each row therefore shows, as its reference, the distance of a *control*: a draw from the
-#   true components with exactly the sampler's weights, perfect except for the weights.
-#   The *floor* row is a fresh data set measured the same way. One data draw is a noisy
-#   yardstick (its own heavy share scatters by 0.009, which alone costs an $SW_2$ of a few
-#   tenths), so the floor is the mean over several draws, printed with its spread; a sampler
-#   whose weight happens to land closer to the reference's can come out below it.
+#   true components with exactly the sampler's weights, perfect except for the weights. When a
+#   sample's distance equals its control's, its whole distance is the weight error.
+#   The *data-vs-data baseline* row is a fresh data set measured the same way, averaged over
+#   several draws and printed with its spread. It is **not a floor**: the reference's own heavy
+#   share is off 0.8 by chance (standard error 0.009), and a sample whose share happens to land
+#   closer to the reference's than a typical data draw does comes out *below* it, as both
+#   annealed samplers do here.
+# - Consequently $SW_2$ is a noisy way to compare two good samplers: each one's value is set
+#   by how close its heavy share lands to the reference's, a difference of a few thousandths.
+#   The summary prints $SW_2(\text{learned}) / SW_2(\text{exact})$, the factor the curriculum
+#   asks for (target $< 2$), and beside it the better-founded comparison: each sample's
+#   distance over its same-weights control (about 1 means no error beyond the weights), and
+#   the heavy weights themselves.
 # - $\mathrm{MMD}^2 = \mathbb{E}\,k(x, x') + \mathbb{E}\,k(y, y') - 2\,\mathbb{E}\,k(x, y)$ with
 #   a Gaussian kernel $k$ of bandwidth 1 (module 06). The estimator is *unbiased*: in the
 #   within-sample averages it leaves out the $k(x_i, x_i) = 1$ terms, so its average is the true
@@ -635,12 +702,13 @@ def sample_quality(x: Tensor, reference: Tensor, seed: int) -> dict:
     return {"sw": sw, "mmd": mmd_rbf(x, reference, bandwidth=1.0)}
 
 
-def data_floor(data: GaussianMixture, reference: Tensor, n_draws: int, seed: int) -> dict:
+def data_baseline(data: GaussianMixture, reference: Tensor, n_draws: int, seed: int) -> dict:
     """Mean and spread of SW_2 and MMD^2 between fresh data draws and the reference set.
 
-    No sampler can beat a perfect sample of the data, but one data draw is a noisy yardstick:
-    its heavy-mode share scatters by sqrt(0.16 / N) around 0.8, and with modes 14 apart that
-    weight error dominates SW_2. Averaging over several draws gives the floor its typical value.
+    A typical value for a perfect sample, not a lower bound: each draw's heavy-mode share
+    scatters by sqrt(0.16 / N) around 0.8, as does the reference's, and with modes 14 apart
+    that chance weight difference dominates SW_2. A sampler whose share lands closer to the
+    reference's than a typical draw does scores below the baseline.
     """
     runs = [sample_quality(data.sample(len(reference), torch.Generator().manual_seed(seed + 8 + k),
                                        dtype=F64), reference, seed) for k in range(n_draws)]
@@ -675,8 +743,9 @@ def exact_run(data: GaussianMixture, cfg: Config, sigma_max: float, seed: int,
     r = cfg.step_ratio if step_ratio is None else step_ratio
     x0 = prior_sample(cfg.n_samples, (2,), sigma_max, torch.Generator().manual_seed(seed + 4))
     return list(annealed_langevin_states(nets06.exact_score_fn(data), x0, lad,
-                                         r * lad[-1].item() ** 2, n_steps or cfg.steps_per_level,
-                                         torch.Generator().manual_seed(seed + 5)))
+                                         eps=r * lad[-1].item() ** 2,
+                                         n_steps=n_steps or cfg.steps_per_level,
+                                         generator=torch.Generator().manual_seed(seed + 5)))
 
 
 def heavy_weight(x: Tensor, data: GaussianMixture) -> float:
@@ -684,16 +753,16 @@ def heavy_weight(x: Tensor, data: GaussianMixture) -> float:
     return langevin03.mode_fractions(x, data)[0].item()
 
 
-def demo_exact_annealing(run, cfg: Config, data: GaussianMixture, sched: dict) -> dict:
+def demo_exact_annealing(run, cfg: Config, data: GaussianMixture, schedule: dict) -> dict:
     seed = run.args.seed
-    sigma_max = sched["sigma_max"]
+    sigma_max = schedule["sigma_max"]
     start = prior_sample(cfg.n_samples, (2,), sigma_max, torch.Generator().manual_seed(seed + 4))
     n_total = cfg.n_levels * cfg.steps_per_level
 
     *_, plain = langevin03.langevin(data.score, start, cfg.plain_step, n_total,
                                     torch.Generator().manual_seed(seed + 5))
     states = exact_run(data, cfg, sigma_max, seed)
-    states_t4 = exact_run(data, cfg, sigma_max, seed, step_ratio=sched["technique4_r"])
+    states_t4 = exact_run(data, cfg, sigma_max, seed, step_ratio=schedule["technique4_r"])
     states_l10 = exact_run(data, cfg, sigma_max, seed, n_levels=10,
                            n_steps=n_total // 10)  # NCSN's L = 10, the same L T
     sweep = {}
@@ -739,14 +808,15 @@ def train_ncsn(run, cfg: Config, data: GaussianMixture, sigmas: Tensor) -> dict:
     model = nets06.NoiseConditionalScoreNet(dim=2, hidden=cfg.hidden, embed_dim=cfg.embed_dim,
                                             n_layers=cfg.n_layers, generator=seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, nets06.warmup_lr_lambda(cfg.warmup_steps))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt,
+                                                    nets06.warmup_lr_lambda(cfg.warmup_steps))
     ema = nets06.EMA(model, cfg.ema_decay)
     gen = torch.Generator().manual_seed(seed + 6)
     levels = sigmas.float()
     loop = nets06.training_loop(
         model, opt, lambda mdl, x0: nets06.noise_conditional_loss(mdl, x0, levels, gen),
         lambda: data.sample(cfg.batch_size, gen, dtype=torch.float32), cfg.train_steps,
-        scheduler=sched, ema=ema, grad_clip=cfg.grad_clip)
+        scheduler=lr_schedule, ema=ema, grad_clip=cfg.grad_clip)
     losses = []
     bar = tqdm(loop, total=cfg.train_steps, desc="training NCSN", mininterval=0.5)
     for out in bar:
@@ -777,17 +847,17 @@ def loss_floor(data: GaussianMixture, sigmas: Tensor, n: int, generator: torch.G
     return float(np.mean(per_level))
 
 
-def demo_learned(run, cfg: Config, data: GaussianMixture, sched: dict, exact: dict) -> dict:
+def demo_learned(run, cfg: Config, data: GaussianMixture, schedule: dict, exact: dict) -> dict:
     seed = run.args.seed
-    sigmas = sched["sigmas"]
+    sigmas = schedule["sigmas"]
     trained = train_ncsn(run, cfg, data, sigmas)
     floor = loss_floor(data, sigmas, cfg.n_floor, torch.Generator().manual_seed(seed + 9))
     eps = cfg.step_ratio * sigmas[-1].item() ** 2
     states = list(annealed_langevin_states(learned_score_fn(trained["model"]), exact["start"],
-                                           sigmas, eps, cfg.steps_per_level,
-                                           torch.Generator().manual_seed(seed + 5)))
+                                           sigmas, eps=eps, n_steps=cfg.steps_per_level,
+                                           generator=torch.Generator().manual_seed(seed + 5)))
     reference = data.sample(cfg.n_samples, torch.Generator().manual_seed(seed + 7), dtype=F64)
-    quality = {"data (floor)": data_floor(data, reference, cfg.n_floor_draws, seed)}
+    quality = {BASELINE: data_baseline(data, reference, cfg.n_baseline_draws, seed)}
     for name, x in [("plain Langevin", exact["plain"]),
                     ("annealed, exact", exact["exact_states"][-1]),
                     ("annealed, learned", states[-1])]:
@@ -819,9 +889,11 @@ def demo_learned(run, cfg: Config, data: GaussianMixture, sched: dict, exact: di
 
 # %% [markdown]
 # ## 4.4 The weights, side by side
-# Top row: the samples of each sampler over contour lines of the data density (the lines sit at
-# 1, 2 and 3 standard deviations of the heavy mode, so the light mode shows two of them), with
-# the recovered weights in the titles.
+# Top row: the samples of each sampler over contour lines of the data density, with the
+# recovered weights in the titles. The lines are drawn where $\log p$ is 0.5, 2 and 4.5 below
+# its highest value: 1, 2 and 3 standard deviations of the heavy mode. The light mode's peak is
+# $\log 4 = 1.39$ lower, so it shows only the outer two, at radii
+# $\sqrt{2(2 - 1.39)} = 1.1$ and $\sqrt{2(4.5 - 1.39)} = 2.5$.
 #
 # Bottom left: the weight of the heavy mode after each level of annealing, in annealing order
 # (left to right, $\sigma_1$ to $\sigma_L$). At $\sigma_1$ it is the mass of $p_{\sigma_1}$ on
@@ -833,9 +905,13 @@ def demo_learned(run, cfg: Config, data: GaussianMixture, sched: dict, exact: di
 # Bottom middle: the $\sigma_\max$ sweep (crosses; each is a separate run ending at
 # $\sigma_\min$, plotted at its $\sigma_\max$), with the rule's $\sigma_\max$ as a star. Bottom
 # right: the depth of the valley of $p_\sigma$ between the modes (2.2), with the swept values
-# marked. The two panels line up: where the valley is deep ($\sigma \le 2$) the chains stay in
-# their starting basins as in module 03; where it has vanished ($\sigma \gtrsim 4.6$) the
-# weights come out right.
+# marked. The two panels line up: where the valley is deep ($\sigma \le 2$) most chains keep
+# the side of the basin boundary they start on, as in module 03 (at $\sigma_\max = 2$ some
+# cross: the heavy share rises by about 0.1 from its start, far short of 0.8); where the valley
+# has vanished ($\sigma \gtrsim 4.6$) the weights come out right. A small $\sigma_\max$ also
+# starts badly: the prior $\mathcal{N}(0, \sigma_\max^2 I)$ puts the chains around the origin,
+# in the empty valley, while $p_{\sigma_\max}$ sits on the two modes; the prior is close to
+# $p_{\sigma_\max}$ only when $\sigma_\max$ is large next to the data's spread.
 
 # %%
 def basin_mass(data: GaussianMixture, sigma: float) -> float:
@@ -874,7 +950,7 @@ def scatter_panel(ax, x: Tensor, log_prob, lim: tuple, title: str, n_show: int =
     ax.legend(loc="upper left", markerscale=3, fontsize=8)
 
 
-def demo_mode_weights(run, cfg: Config, data: GaussianMixture, sched: dict, exact: dict,
+def demo_mode_weights(run, cfg: Config, data: GaussianMixture, schedule: dict, exact: dict,
                       learned: dict) -> dict:
     fig, axes = plt.subplots(2, 3, figsize=(18, 11.5))
     lim = (-12.0, 12.0)
@@ -886,11 +962,11 @@ def demo_mode_weights(run, cfg: Config, data: GaussianMixture, sched: dict, exac
                       f"{name}\nweights {w[0]:.3f} / {w[1]:.3f} (true 0.8 / 0.2)")
 
     ax = axes[1, 0]
-    sig = sched["sigmas"].numpy()
+    sig = schedule["sigmas"].numpy()
     ax.semilogx(sig, exact["w_exact_levels"][:-1], "o-",
                 label=f"exact scores, r = {cfg.step_ratio:g}")
     ax.semilogx(sig, exact["w_technique4_levels"][:-1], "^--", ms=5,
-                label=f"exact scores, Technique 4's r = {sched['technique4_r']:.3f}")
+                label=f"exact scores, Technique 4's r = {schedule['technique4_r']:.3f}")
     ax.semilogx(sig, learned["w_learned_levels"][:-1], "s-", ms=5,
                 label=f"learned NCSN, r = {cfg.step_ratio:g}")
     fine = np.geomspace(sig[-1], sig[0], 200)
@@ -906,7 +982,7 @@ def demo_mode_weights(run, cfg: Config, data: GaussianMixture, sched: dict, exac
 
     ax = axes[1, 1]
     sweep = exact["sweep"]
-    rule = sched["sigma_max"]
+    rule = schedule["sigma_max"]
     others = [s for s in sweep if s != rule]
     ax.axhspan(0.75, 0.85, color="tab:green", alpha=0.15, label="0.8 +- 0.05")
     ax.axhline(0.8, color="k", ls="--", lw=1, label="true weight 0.8")
@@ -954,9 +1030,9 @@ def levels_to_show(sigmas: list, targets: tuple) -> list[int]:
     return sorted(near | {0, len(sigmas) - 1})
 
 
-def demo_levels(run, cfg: Config, data: GaussianMixture, sched: dict, exact: dict,
+def demo_levels(run, cfg: Config, data: GaussianMixture, schedule: dict, exact: dict,
                 learned: dict) -> dict:
-    sigmas = sched["sigmas"].tolist()
+    sigmas = schedule["sigmas"].tolist()
     L = len(sigmas)
     show = levels_to_show(sigmas, cfg.show_sigmas)
     fig, axes = plt.subplots(2, len(show) + 1, figsize=(3.5 * (len(show) + 1), 7.8))
@@ -985,7 +1061,8 @@ def demo_levels(run, cfg: Config, data: GaussianMixture, sched: dict, exact: dic
 # both, $T = 5$ steps per level, step ratio from Technique 4. The figure shows the samples at a
 # few levels and after the denoising step, which removes the last level's grain, and the
 # training loss against the zero network's $D/2 = 392$. About 8 minutes of one CPU core (almost
-# all of it training) give blurry but digit-like strokes; module 09 does this properly.
+# all of it training) give blurry but digit-like strokes; the image chapters later do this
+# properly.
 
 # %%
 def load_images_or_exit(args):
@@ -1039,7 +1116,7 @@ def demo_images(run, cfg: Config, train) -> dict:
     torch.manual_seed(seed)
     model = SmallConvScoreNet(generator=seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    lr = torch.optim.lr_scheduler.LambdaLR(opt, nets06.warmup_lr_lambda(100))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, nets06.warmup_lr_lambda(100))
     ema = nets06.EMA(model, 0.99)
 
     def batch():
@@ -1047,7 +1124,7 @@ def demo_images(run, cfg: Config, train) -> dict:
 
     loop = nets06.training_loop(
         model, opt, lambda mdl, x0: nets06.noise_conditional_loss(mdl, x0, sigmas, gen),
-        batch, cfg.image_train_steps, scheduler=lr, ema=ema, grad_clip=1.0)
+        batch, cfg.image_train_steps, scheduler=lr_schedule, ema=ema, grad_clip=1.0)
     losses = []
     bar = tqdm(loop, total=cfg.image_train_steps, desc="training MNIST NCSN", mininterval=1)
     for out in bar:
@@ -1056,8 +1133,9 @@ def demo_images(run, cfg: Config, train) -> dict:
             bar.set_postfix(loss=f"{out['loss']:.1f}")
     net = ema.averaged(model)
     x0 = prior_sample(cfg.image_samples, (1, 28, 28), sigma_max, gen, dtype=torch.float32)
-    states = list(annealed_langevin_states(net, x0, sigmas, r * sigmas[-1].item() ** 2,
-                                           cfg.image_steps_per_level, gen, progress=True))
+    states = list(annealed_langevin_states(net, x0, sigmas, eps=r * sigmas[-1].item() ** 2,
+                                           n_steps=cfg.image_steps_per_level, generator=gen,
+                                           progress=True))
     fig = plot_mnist_run(states, sigmas, losses, cfg, gamma)
     run.save(fig, "mnist_samples")
     return {"mnist": {"sigma_max": sigma_max, "gamma": gamma, "L": L, "r": r,
@@ -1075,74 +1153,70 @@ def demo_images(run, cfg: Config, train) -> dict:
 # `solutions/07_noise_conditional_scores.py`.
 
 # %%
-def exercise_overlap_criterion(gamma: float, dim: int) -> float:
-    """Exercise 7.1: NCSNv2's overlap criterion C(gamma, D).
+def exercise_merge_sigma(distance: float) -> float:
+    """Exercise 7.1: where two equal-weight modes of p_sigma merge (Technique 1, worst case).
 
-    Level i has x ~ N(0, sigma_i^2 I_D), with |x| approximately N(sigma_i sqrt(D), sigma_i^2/2).
-    Return the probability that |x| falls inside the 3-standard-deviation shell of level
-    i-1 (sigma_{i-1} = gamma sigma_i), i.e. inside
-        [gamma sigma_i (sqrt(D) - 3/sqrt(2)),  gamma sigma_i (sqrt(D) + 3/sqrt(2))],
-    computed with the normal approximation (not by sampling).
+    The data is 0.5 N(-d/2, 1) + 0.5 N(d/2, 1) in 1D (unit-variance modes at distance d).
+    Return the smallest sigma >= 0 at which p_sigma = p_data * N(0, sigma^2) has a single
+    maximum (no valley between the modes), in closed form.
 
-    Args: gamma > 1 (float), dim = D (int). Returns a float in [0, 1].
-    Example: gamma = 1 gives Phi(3) - Phi(-3) = 0.9973 for every D.
-    Hint: standardise the two ends with (r - sigma_i sqrt(D)) / (sigma_i / sqrt(2)); sigma_i
-    cancels. scipy.stats.norm.cdf is Phi.
+    Args: distance d > 0 (float). Returns a float >= 0 (0.0 if p_data itself has one bump).
+    Example: d = 14.14 (module 03's modes) gives 7.0; d = 1 gives 0.0.
+    Hint: what is the standard deviation s of each bump of p_sigma? Two equal bumps at +-m
+    have a valley at 0 exactly when the curvature of p_sigma at 0 is positive, i.e. when m > s.
     """
-    # TODO: the two standardised ends, then Phi(upper) - Phi(lower).
-    raise NotImplementedError("Exercise 7.1: implement exercise_overlap_criterion")
+    # TODO: s^2 = ..., merged when s >= d / 2; solve for sigma.
+    raise NotImplementedError("Exercise 7.1: implement exercise_merge_sigma")
 
 
-def exercise_annealed_step_sizes(sigmas: Tensor, eps: float) -> Tensor:
-    """Exercise 7.2: the step size of every level of annealed Langevin dynamics.
+def exercise_ncsnv2_variance_ratio(r2: float, n_steps: int, gamma: float) -> float:
+    """Exercise 7.2: Technique 4 in NCSNv2's step convention (Section 2.5, "Conventions").
 
-    Args: sigmas (L,) decreasing noise levels; eps the step size at the last level sigma_L.
-    Returns: (L,) alpha_i with alpha_i / sigma_i^2 the same at every level and alpha_L = eps.
-    Example: sigmas = [4, 2, 1], eps = 0.1 -> [1.6, 0.4, 0.1].
-    Hint: why sigma^2 and not sigma? Section 2.5.
+    NCSNv2's code steps x <- x + alpha' s(x) + sqrt(2 alpha') z with alpha' = r2 sigma^2.
+    A chain starts at x ~ N(0, gamma^2 sigma^2) and takes T such steps with the exact score
+    s(x) = -x / sigma^2 of N(0, sigma^2). Return Var(x_T) / sigma^2 in closed form.
+
+    Args: r2 in (0, 2), n_steps = T >= 0, gamma >= 1. Returns a float.
+    Example: T = 0 gives gamma^2; r2 = 0.15 is the same chain as this module's r = 0.3.
+    Hint: redo Section 2.6's recursion v <- a^2 v + (noise variance) for this update; do not
+    reuse variance_ratio_after with r2 in place of r.
     """
-    # TODO: one line.
-    raise NotImplementedError("Exercise 7.2: implement exercise_annealed_step_sizes")
+    # TODO: a, the fixed point s_inf, and the geometric decay towards it.
+    raise NotImplementedError("Exercise 7.2: implement exercise_ncsnv2_variance_ratio")
 
 
-def exercise_variance_ratio(r: float, n_steps: int, gamma: float) -> float:
-    """Exercise 7.3: Technique 4, the variance of a chain after T steps at one level.
+def exercise_stationary_bias(r: float, sigma: float) -> float:
+    """Exercise 7.3: the step's variance bias at level sigma, below the data's detail (2.5).
 
-    A chain starts at x ~ N(0, gamma^2 sigma^2 I) and takes T steps
-    x <- x + (alpha/2) (-x / sigma^2) + sqrt(alpha) z with alpha = r sigma^2 (the exact score
-    of N(0, sigma^2 I)). Return Var(x_T) / sigma^2 in closed form.
+    A mode of the data is N(0, 1), so at level sigma the chain targets N(0, 1 + sigma^2) with
+    this module's step x <- x + (alpha/2) s(x) + sqrt(alpha) z, alpha = r sigma^2. Return the
+    exact relative excess of its stationary variance, v_inf / (1 + sigma^2) - 1.
 
-    Args: r in (0, 4), n_steps = T >= 0, gamma >= 1. Returns a float.
-    Example: T = 0 gives gamma^2; T -> infinity gives module 03's 1 / (1 - r/4).
-    Hint: v <- a^2 v + r sigma^2 with a = 1 - r/2; sum the geometric series.
+    Args: r in (0, 4), sigma > 0. Returns a float > 0.
+    Example: for large sigma it tends to r / (4 - r) (the "p_sigma ~ N(mu, sigma^2)" picture);
+    for sigma -> 0 it tends to 0.
+    Hint: module 03's ula_stationary_variance(v, eps) = v / (1 - eps / (4 v)).
     """
-    # TODO: a, the fixed point, and the geometric decay towards it.
-    raise NotImplementedError("Exercise 7.3: implement exercise_variance_ratio")
+    # TODO: v, alpha, then module 03's fixed point divided by v, minus 1.
+    raise NotImplementedError("Exercise 7.3: implement exercise_stationary_bias")
 
 
-def exercise_denoise(x: Tensor, score: Tensor, sigma: float) -> Tensor:
-    """Exercise 7.4: the final denoising step of annealed Langevin dynamics.
+def exercise_levels_for_overlap(sigma_max: float, sigma_min: float, dim: int,
+                                target: float) -> int:
+    """Exercise 7.4: how many levels a ladder needs in dimension D (Technique 2 end to end).
 
-    Args: x (N, ...) samples of p_sigma; score (N, ...) the score s(x, sigma) at x; sigma the
-    last noise level. Returns (N, ...) E[x_0 | x] by Tweedie's formula.
-    Example: data N(0, 1) in 1D, sigma = 1: s(x) = -x / 2, so x = 2 becomes 1.
-    Hint: module 04.
+    Find the ratio gamma > 1 at which NCSNv2's overlap criterion C(gamma, D) (Section 2.4)
+    equals ``target``, then return the smallest L with sigma_max gamma^-(L-1) <= sigma_min,
+    i.e. the fewest levels whose neighbours overlap by at least ``target``.
+
+    Args: sigma_max > sigma_min > 0, dim = D >= 5, target in (0, 0.99). Returns an int.
+    Example: sigma_max = 50, sigma_min = 0.01, D = 3072, target = 0.5 gives 220 (NCSNv2 used 232
+    levels for CIFAR-10, a ratio of 1.037 instead of 1.040).
+    Hint: scipy.optimize.brentq on C(gamma, D) - target over gamma in (1, 100); then
+    L - 1 = ceil(log(sigma_max / sigma_min) / log gamma).
     """
-    # TODO: one line.
-    raise NotImplementedError("Exercise 7.4: implement exercise_denoise")
-
-
-def exercise_num_levels(sigma_max: float, sigma_min: float, gamma: float) -> int:
-    """Exercise 7.5: how many levels a geometric ladder needs.
-
-    Return the smallest L such that sigma_max * gamma^-(L-1) <= sigma_min (the ladder reaches
-    sigma_min with ratio at most gamma between neighbours).
-    Example: sigma_max = 8, sigma_min = 1, gamma = 2 -> 4 (8, 4, 2, 1); gamma = 1.9 -> 5.
-    Hint: logarithms; beware of round-off when the ratio is an exact power (add -1e-9 before
-    rounding up).
-    """
-    # TODO: L - 1 = ceil(log(sigma_max / sigma_min) / log(gamma)).
-    raise NotImplementedError("Exercise 7.5: implement exercise_num_levels")
+    # TODO: gamma from the criterion, then the count of levels.
+    raise NotImplementedError("Exercise 7.4: implement exercise_levels_for_overlap")
 
 
 # %% [markdown]
@@ -1152,8 +1226,8 @@ def exercise_num_levels(sigma_max: float, sigma_min: float, gamma: float) -> int
 #   them: 0.8/0.2 recovered within a few hundredths, with exact and with learned scores.
 # - Choose $\sigma_\max$ comparable to the distance between the modes, large enough that
 #   $p_{\sigma_\max}$ has no deep valley between them (here from about 4.6 up); the largest
-#   pairwise data distance is a safe upper bound. Too small a $\sigma_\max$ leaves the chains
-#   in their starting basins.
+#   pairwise data distance is a safe upper bound. Too small a $\sigma_\max$ leaves most chains
+#   on the side they start on.
 # - Choose $\gamma$ from the overlap criterion $C(\gamma, D) \approx 0.5$: about 1.08 for MNIST,
 #   1.04 for CIFAR-10; in 2D it does not bind, and what matters is to have several levels in
 #   the range where the modes separate. Then $L = 1 + \log(\sigma_\max/\sigma_\min)/\log\gamma$.
@@ -1188,72 +1262,76 @@ def sweep_row(s_max: float, w: float, valley: float, rule: float, quick: bool) -
                 "0.8 +- 0.05: the modes of p_sigma_max have merged")
     if valley < 0.1:
         return (name, with_mark(f"{w:.3f}", abs(w - 0.8) > 0.1, quick),
-                f"fails, off by > 0.1: valley {valley:.1g} deep, chains stay in their basin")
+                f"fails, off by > 0.1: valley/peak = {valley:.1g}, most chains keep their side")
     return (name, f"{w:.3f}", f"in between: shallow valley ({valley:.2f})")
 
 
-def summary_rows(cfg: Config, quick: bool, r: dict, exact: dict, learned: dict) -> list:
+def summary_rows(cfg: Config, quick: bool, schedule: dict, exact: dict, learned: dict) -> list:
     """(quantity, measured + mark, expected) for the table that ends the run."""
     def m(value, passed=None):
         return with_mark(value, passed, quick)
 
     w_ex, w_le = exact["w_exact"][0], learned["w_learned"][0]
     v = exact["valley"]
+    t4_r, merge = schedule["technique4_r"], exact["merge_sigma"]
+    w_t4 = exact["w_technique4"]
     rows = [
-        ("sigma_max = max pairwise distance", m(f"{r['sigma_max']:.2f}",
-                                                18 < r["sigma_max"] < 22.5),
+        ("sigma_max = max pairwise distance", m(f"{schedule['sigma_max']:.2f}",
+                                                18 < schedule["sigma_max"] < 22.5),
          f"|mu_1 - mu_2| = {10 * math.sqrt(2):.1f} + about 3 std on each side: 18 to 22.5"),
-        ("modes of p_sigma merge at sigma", f"{exact['merge_sigma']:.2f}",
-         "a third of |mu_1 - mu_2|; equal weights: sqrt(7.07^2 - 1) = 7.0"),
-        ("p_sigma valley / light peak, sigma = 1 / 2 / 3",
+        ("modes of p_sigma merge at sigma", m(f"{merge:.2f}", 4 < merge < 7),
+         "below 7.0 = sqrt((d/2)^2 - 1), the equal-weights (worst) case: 0.8/0.2 merges earlier"),
+        ("p_sigma valley/peak (light), sigma = 1 / 2 / 3",
          " / ".join(f"{valley_depth(mixture_data(), s):.2g}" for s in (1, 2, 3)),
-         "deep up to sigma ~ 2, shallow at 3, gone at 4.6"),
-        ("ratio gamma used (2D), L, sigma_min", f"{r['gamma']:.3f}, {cfg.n_levels}, "
-         f"{cfg.sigma_min:g}", "C(gamma, 2) > 0.5 for every gamma: does not bind"),
+         f"deep up to sigma ~ 2, shallow at 3, gone (= 1) from {merge:.1f}"),
+        ("ratio gamma used (2D), L, sigma_min", f"{schedule['gamma']:.3f}, {cfg.n_levels}, "
+         f"{cfg.sigma_min:g}", "C(gamma, 2) > 0.997 for every gamma: does not bind"),
         ("gamma from C(gamma, D) = 0.5, D = 784 / 3072",
-         m(f"{r['gammas'][784]:.4f} / {r['gammas'][3072]:.4f}",
-           abs(r["gammas"][3072] - 1.037) < 0.005),
+         m(f"{schedule['gammas'][784]:.4f} / {schedule['gammas'][3072]:.4f}",
+           abs(schedule["gammas"][3072] - 1.037) < 0.005),
          "NCSNv2 CIFAR-10: (50/0.01)^(1/231) = 1.037"),
         ("Monte Carlo overlap at that gamma, D = 784",
-         m(f"{r['overlap_mc_784']:.3f}", abs(r["overlap_mc_784"] - 0.5) < 0.03),
+         m(f"{schedule['overlap_mc_784']:.3f}", abs(schedule["overlap_mc_784"] - 0.5) < 0.03),
          "0.5 +- 0.03 (normal approximation of |x|)"),
-        ("step ratio r used / Technique 4's r", f"{cfg.step_ratio:g} / {r['technique4_r']:.3f}",
-         f"v_T / sigma_i^2 = {r['variance_ratio_used']:.3f} / {r['variance_ratio_t4']:.3f} "
-         f"(Technique 4: the minimum)"),
+        ("step ratio r used / Technique 4's r", f"{cfg.step_ratio:g} / {t4_r:.3f}",
+         f"v_T / sigma_i^2 = {schedule['variance_ratio_used']:.3f} / "
+         f"{schedule['variance_ratio_t4']:.3f} (Technique 4: the minimum)"),
         ("weights: plain Langevin (03), exact score",
          m(fmt_weights(exact["w_plain"]), abs(exact["w_plain"][0] - 0.8) > 0.15),
          f"fails, off by > 0.15: stays near the start split {exact['w_start']:.2f}"),
         (f"weights: annealed, exact scores, r = {cfg.step_ratio:g}",
          m(fmt_weights(exact["w_exact"]), abs(w_ex - 0.8) < 0.05),
          f"0.8 / 0.2 +- 0.05 (standard error {math.sqrt(0.16 / cfg.n_samples):.3f})"),
-        (f"  ... with Technique 4's r = {r['technique4_r']:.3f}",
-         m(f"{exact['w_technique4']:.3f}", abs(exact["w_technique4"] - 0.8) < 0.05),
-         f"0.8 +- 0.05; time per level rT = {r['technique4_r'] * cfg.steps_per_level:.1f} "
-         f"(r = {cfg.step_ratio:g}: {cfg.step_ratio * cfg.steps_per_level:.0f})"),
-        (f"  ... on NCSN's L = 10 ladder, T = {cfg.n_levels * cfg.steps_per_level // 10}",
+        (f"  ... with Technique 4's r = {t4_r:.3f}", m(f"{w_t4:.3f}", 0.73 < w_t4 < 0.8),
+         f"freezes lower, ~0.77 (0.73 to 0.8): rT = {t4_r * cfg.steps_per_level:.1f} per level "
+         f"instead of {cfg.step_ratio * cfg.steps_per_level:.0f}"),
+        (f"  ... 10-level ladder, same range, T = {cfg.n_levels * cfg.steps_per_level // 10}",
          m(f"{exact['w_l10']:.3f}", abs(exact["w_l10"] - 0.8) < 0.05),
-         "0.8 +- 0.05; only one level (3.8) where the modes separate"),
+         "0.8 +- 0.05, slightly below L = 20 (equilibrium 0.781 vs 0.796 at its last crossing)"),
         ("weights: annealed, learned NCSN",
          m(fmt_weights(learned["w_learned"]), abs(w_le - 0.8) < 0.05), "0.8 / 0.2 +- 0.05"),
     ]
-    rows += [sweep_row(s_max, w, v[s_max], r["sigma_max"], quick)
+    rows += [sweep_row(s_max, w, v[s_max], schedule["sigma_max"], quick)
              for s_max, w in sorted(exact["sweep"].items())]
     q = learned["quality"]
     for name, val in q.items():
-        ref = (f"mean of {cfg.n_floor_draws} data draws (SW2 sd {val.get('sw_sd', 0):.3f}); "
-               "MMD^2 scatters around 0 (+- ~1/N)" if name == "data (floor)"
+        ref = (f"mean of {cfg.n_baseline_draws} draws (SW2 sd {val.get('sw_sd', 0):.3f}), not a "
+               "floor; MMD^2 scatters around 0" if name == BASELINE
                else f"same-weights control: {val['control']['sw']:.3f} / "
                     f"{val['control']['mmd']:.1e}")
         rows.append((f"SW2 / MMD^2 to data: {name}", f"{val['sw']:.3f} / {val['mmd']:.1e}", ref))
-    # both samplers can sit at the noise level of SW2 (the floor), where a ratio of two small
-    # numbers means little: compare the learned sampler with the larger of the two
-    base = max(q["annealed, exact"]["sw"], q["data (floor)"]["sw"])
-    ratio = q["annealed, learned"]["sw"] / base
+    ex, le = q["annealed, exact"], q["annealed, learned"]
+    ratio = le["sw"] / ex["sw"]
+    over_control = [x["sw"] / x["control"]["sw"] for x in (ex, le)]
     # s(x, sigma_L) = -(x - mu) / (1 + sigma_L^2) in a unit mode; E|x - mu| = sqrt(pi / 2) in 2D
     shift_expected = cfg.sigma_min**2 / (1 + cfg.sigma_min**2) * math.sqrt(math.pi / 2)
     rows += [
-        ("SW2 learned / max(exact sampler, floor)", m(f"{ratio:.2f}", ratio < 2),
-         "< 2: the learned score costs at most twice what the exact one does"),
+        ("SW2 of learned sampler / SW2 of exact sampler", m(f"{ratio:.2f}", ratio < 2),
+         "< 2 (the stated factor); noisy, can sit near 2: both SW2 are chance weight offsets"),
+        ("SW2 / SW2 of same-weights control: exact / learned",
+         m(" / ".join(f"{c:.2f}" for c in over_control),
+           all(0.8 < c < 1.25 for c in over_control)),
+         "~1 (0.8 to 1.25): no error beyond the weights"),
         ("mean shift of the denoising step (2D)",
          m(f"{exact['denoise_shift']:.2e}",
            abs(exact["denoise_shift"] / shift_expected - 1) < 0.1),
@@ -1262,8 +1340,8 @@ def summary_rows(cfg: Config, quick: bool, r: dict, exact: dict, learned: dict) 
          m(f"{learned['final_loss']:.3f}", learned["final_loss"] - learned["loss_floor"] < 0.03),
          f"floor (exact score) {learned['loss_floor']:.3f} + < 0.03; zero network D/2 = 1"),
     ]
-    if "mnist" in r:
-        mn = r["mnist"]
+    if "mnist" in schedule:
+        mn = schedule["mnist"]
         note = " (quick: barely trained, not meaningful)" if quick else ""
         rows += [
             ("MNIST: sigma_max, gamma, L, r", m(f"{mn['sigma_max']:.2f}, {mn['gamma']:.4f}, "
@@ -1294,20 +1372,20 @@ def main(argv=None):
     mnist = load_images_or_exit(run.args) if run.args.images else None
     data = mixture_data()
 
-    r = demo_schedule(run, cfg, data)
-    exact = demo_exact_annealing(run, cfg, data, r)
-    learned = demo_learned(run, cfg, data, r, exact)
-    demo_mode_weights(run, cfg, data, r, exact, learned)
-    demo_levels(run, cfg, data, r, exact, learned)
+    schedule = demo_schedule(run, cfg, data)
+    exact = demo_exact_annealing(run, cfg, data, schedule)
+    learned = demo_learned(run, cfg, data, schedule, exact)
+    demo_mode_weights(run, cfg, data, schedule, exact, learned)
+    demo_levels(run, cfg, data, schedule, exact, learned)
     if mnist is not None:
-        r.update(demo_images(run, cfg, mnist))
+        schedule.update(demo_images(run, cfg, mnist))
 
     if run.quick:
         print(f"\n--quick is a smoke test ({cfg.n_samples} chains, T = {cfg.steps_per_level}, "
               f"{cfg.train_steps} training steps): the numbers below are noise and carry no "
               f"ok/MISS marks.\nRun without --quick for the measurements the prose quotes.")
-    run.finish(summary_rows(cfg, run.quick, r, exact, learned), globals(), "07")
-    return {"schedule": r, "exact": exact, "learned": learned}
+    run.finish(summary_rows(cfg, run.quick, schedule, exact, learned), globals(), "07")
+    return {"schedule": schedule, "exact": exact, "learned": learned}
 
 
 if __name__ == "__main__":

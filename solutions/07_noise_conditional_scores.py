@@ -8,36 +8,35 @@ from __future__ import annotations
 
 import math
 
-import torch
-from scipy import stats
-
-Tensor = torch.Tensor
+from scipy import optimize, stats
 
 
-def exercise_overlap_criterion(gamma: float, dim: int) -> float:
-    """Exercise 7.1: Phi(sqrt(2D)(gamma - 1) + 3 gamma) - Phi(sqrt(2D)(gamma - 1) - 3 gamma)."""
-    # ends gamma sigma (sqrt D -/+ 3/sqrt 2), standardised by (r - sigma sqrt D) / (sigma/sqrt 2)
-    centre = math.sqrt(2 * dim) * (gamma - 1)
-    return float(stats.norm.cdf(centre + 3 * gamma) - stats.norm.cdf(centre - 3 * gamma))
+def exercise_merge_sigma(distance: float) -> float:
+    """Exercise 7.1: sqrt((d/2)^2 - 1), or 0 when the unit-variance modes already touch."""
+    # each bump of p_sigma has variance s^2 = 1 + sigma^2; equal bumps merge once s >= d/2
+    return math.sqrt(max((distance / 2) ** 2 - 1, 0.0))
 
 
-def exercise_annealed_step_sizes(sigmas: Tensor, eps: float) -> Tensor:
-    """Exercise 7.2: alpha_i = eps sigma_i^2 / sigma_L^2, shape (L,)."""
-    return eps * (sigmas / sigmas[-1]) ** 2
-
-
-def exercise_variance_ratio(r: float, n_steps: int, gamma: float) -> float:
-    """Exercise 7.3: a^(2T) (gamma^2 - s_inf) + s_inf with a = 1 - r/2, s_inf = 1/(1 - r/4)."""
-    a = 1 - r / 2
-    s_inf = r / (1 - a * a)  # fixed point of v <- a^2 v + r, = 1 / (1 - r/4)
+def exercise_ncsnv2_variance_ratio(r2: float, n_steps: int, gamma: float) -> float:
+    """Exercise 7.2: a^(2T) (gamma^2 - s_inf) + s_inf with a = 1 - r2, s_inf = 1/(1 - r2/2)."""
+    a = 1 - r2  # x <- x - r2 x + sqrt(2 r2) sigma z, in units of sigma
+    s_inf = 2 * r2 / (1 - a * a)  # fixed point of v <- a^2 v + 2 r2, = 1 / (1 - r2/2)
     return a ** (2 * n_steps) * (gamma**2 - s_inf) + s_inf
 
 
-def exercise_denoise(x: Tensor, score: Tensor, sigma: float) -> Tensor:
-    """Exercise 7.4: Tweedie, E[x_0 | x] = x + sigma^2 s(x, sigma)."""
-    return x + sigma**2 * score
+def exercise_stationary_bias(r: float, sigma: float) -> float:
+    """Exercise 7.3: 1 / (1 - alpha / (4 v)) - 1 with v = 1 + sigma^2, alpha = r sigma^2."""
+    v = 1 + sigma**2  # a unit-variance mode convolved with N(0, sigma^2)
+    alpha = r * sigma**2
+    return 1 / (1 - alpha / (4 * v)) - 1  # module 03's v / (1 - eps/(4v)), divided by v
 
 
-def exercise_num_levels(sigma_max: float, sigma_min: float, gamma: float) -> int:
-    """Exercise 7.5: L = 1 + ceil(log(sigma_max / sigma_min) / log gamma)."""
+def exercise_levels_for_overlap(sigma_max: float, sigma_min: float, dim: int,
+                                target: float) -> int:
+    """Exercise 7.4: gamma from C(gamma, D) = target, then 1 + ceil(log(max/min) / log gamma)."""
+    def overlap(gamma):
+        centre = math.sqrt(2 * dim) * (gamma - 1)
+        return stats.norm.cdf(centre + 3 * gamma) - stats.norm.cdf(centre - 3 * gamma)
+
+    gamma = optimize.brentq(lambda g: overlap(g) - target, 1.0, 100.0, xtol=1e-12)
     return 1 + math.ceil(math.log(sigma_max / sigma_min) / math.log(gamma) - 1e-9)

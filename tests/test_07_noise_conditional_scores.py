@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from common.datasets import GaussianMixture, mnist_available, resolve_data_root
-from common.metrics import sliced_wasserstein
 from common.modules import load_module
 
 pytestmark = pytest.mark.ch07
@@ -25,8 +24,8 @@ def ladder(sigma_max=20.0, sigma_min=0.01, n=20):
 def annealed_exact(n, steps, seed, r=0.3, sigma_max=20.0):
     sig = ladder(sigma_max)  # the module's L = 20
     x0 = m.prior_sample(n, (2,), sigma_max, torch.Generator().manual_seed(seed))
-    return m.annealed_langevin(m6.exact_score_fn(DATA), x0, sig, r * sig[-1].item() ** 2, steps,
-                               torch.Generator().manual_seed(seed + 1))
+    return m.annealed_langevin(m6.exact_score_fn(DATA), x0, sig, eps=r * sig[-1].item() ** 2,
+                               n_steps=steps, generator=torch.Generator().manual_seed(seed + 1))
 
 
 # -- Must verify 1: exact perturbed scores recover the 0.8/0.2 weights within 0.05 --
@@ -101,30 +100,42 @@ def trained_model():
     return ema.averaged(model)
 
 
-LEARNED_FACTOR = 2.0  # stated in the module's summary: SW2 within 2x of the exact sampler's
+LEARNED_FACTOR = 2.0  # stated in the module's summary: SW2 learned / SW2 exact sampler < 2
 
 
 def test_learned_ncsn_distance_within_factor_of_exact(trained_model):
     n, steps, sig = 1000, 50, ladder()
-    eps = 0.3 * sig[-1].item() ** 2
+    kw = {"eps": 0.3 * sig[-1].item() ** 2, "n_steps": steps}
     x0 = m.prior_sample(n, (2,), 20.0, torch.Generator().manual_seed(5))
-    exact = m.annealed_langevin(m6.exact_score_fn(DATA), x0, sig, eps, steps,
-                                torch.Generator().manual_seed(6))
-    learned = m.annealed_langevin(m.learned_score_fn(trained_model), x0, sig, eps, steps,
-                                  torch.Generator().manual_seed(6))
+    exact = m.annealed_langevin(m6.exact_score_fn(DATA), x0, sig, **kw,
+                                generator=torch.Generator().manual_seed(6))
+    learned = m.annealed_langevin(m.learned_score_fn(trained_model), x0, sig, **kw,
+                                  generator=torch.Generator().manual_seed(6))
     ref = DATA.sample(n, torch.Generator().manual_seed(7), dtype=F64)
-    floor_set = DATA.sample(n, torch.Generator().manual_seed(8), dtype=F64)
-    dirs = torch.Generator
-    sw_exact = sliced_wasserstein(exact, ref, 256, dirs().manual_seed(0))
-    sw_floor = sliced_wasserstein(floor_set, ref, 256, dirs().manual_seed(0))
-    sw_learned = sliced_wasserstein(learned, ref, 256, dirs().manual_seed(0))
-    base = max(sw_exact, sw_floor)  # as in the module's summary: both may sit at the floor
-    assert sw_learned < LEARNED_FACTOR * base, (sw_learned, sw_exact, sw_floor)
+    q_exact, q_learned = (m.sample_quality(x, ref, seed=0) for x in (exact, learned))
+    assert q_learned["sw"] < LEARNED_FACTOR * q_exact["sw"], (q_learned, q_exact)
+    # the better-founded comparison of the summary: no error beyond the weights, i.e. each
+    # sample is about as far from the data as perfect components with its own weights
+    for x, q in [(exact, q_exact), (learned, q_learned)]:
+        control = m.same_weights_control(DATA, m.heavy_weight(x, DATA), n,
+                                         torch.Generator().manual_seed(9))
+        assert 0.8 < q["sw"] / m.sample_quality(control, ref, seed=0)["sw"] < 1.25
     # the check can fail: an untrained network is far worse
     untrained = m6.NoiseConditionalScoreNet(dim=2, hidden=64, embed_dim=32, generator=0).eval()
-    bad = m.annealed_langevin(m.learned_score_fn(untrained), x0, sig, eps, steps,
-                              torch.Generator().manual_seed(6))
-    assert sliced_wasserstein(bad, ref, 256, dirs().manual_seed(0)) > LEARNED_FACTOR * base
+    bad = m.annealed_langevin(m.learned_score_fn(untrained), x0, sig, **kw,
+                              generator=torch.Generator().manual_seed(6))
+    assert m.sample_quality(bad, ref, seed=0)["sw"] > LEARNED_FACTOR * q_exact["sw"]
+
+
+def test_data_baseline_is_not_a_floor():
+    """Section 4.2: a sample whose heavy share lands nearer the reference's than a typical data
+    draw's scores below the data-vs-data baseline."""
+    n = 2000
+    ref = DATA.sample(n, torch.Generator().manual_seed(7), dtype=F64)
+    base = m.data_baseline(DATA, ref, 8, seed=0)
+    matched = m.same_weights_control(DATA, m.heavy_weight(ref, DATA), n,
+                                     torch.Generator().manual_seed(1))
+    assert m.sample_quality(matched, ref, seed=0)["sw"] < base["sw"], base
 
 
 # -- the ladder rules --
@@ -141,7 +152,8 @@ def test_overlap_criterion_matches_monte_carlo_in_high_dimension():
 def test_overlap_criterion_does_not_bind_in_2d():
     assert m.ratio_from_overlap(2) is None and m.ratio_from_overlap(4) is None
     g = np.geomspace(1.0, 100.0, 200)
-    assert (m.overlap_criterion(g, 2) > 0.5).all()
+    for dim in (1, 2, 3, 4):  # Section 2.4: C >= Phi(3) - Phi(-3) = 0.9973 when sqrt(2D) < 3
+        assert (m.overlap_criterion(g, dim) >= 0.9973 - 1e-9).all()
     assert m.ratio_from_overlap(5) is not None
 
 
@@ -160,6 +172,39 @@ def test_step_sizes_scale_with_sigma_squared():
     alpha = m.step_sizes(sig, 3e-5)
     torch.testing.assert_close(alpha / sig**2, torch.full_like(sig, 3e-5 / sig[-1].item() ** 2))
     assert alpha[-1].item() == pytest.approx(3e-5)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 3.0, 10.0])
+def test_step_bias_below_the_data_detail(sigma):
+    """Section 2.5: on a unit-variance mode, p_sigma is N(0, 1 + sigma^2) and the step
+    r sigma^2 leaves a relative variance excess of about r sigma^2 / (4 (1 + sigma^2)): r/4 at
+    large sigma, fading below sigma ~ 1. Checked against simulated chains."""
+    r, n = 0.3, 100_000
+    v, alpha = 1 + sigma**2, r * sigma**2
+    g = torch.Generator().manual_seed(0)
+    x = math.sqrt(v) * torch.randn(n, 1, generator=g, dtype=F64)  # start in equilibrium
+    n_steps = int(10 / (alpha / (2 * v)))  # about 10 relaxation times of the variance
+    for _ in range(n_steps):
+        x = m3.langevin_step(x, -x / v, alpha, g)
+    excess = x.var().item() / v - 1
+    approx = r * sigma**2 / (4 * (1 + sigma**2))
+    se = math.sqrt(2 / n) * (1 + excess)
+    assert abs(excess - approx) < 5 * se + 0.1 * approx, (excess, approx)
+    # the exact value (module 03's fixed point) is within 10% of the approximation for r = 0.3
+    exact = m3.ula_stationary_variance(v, alpha) / v - 1
+    assert exact == pytest.approx(approx, rel=0.1)
+    if sigma >= 3:
+        assert exact == pytest.approx(r / 4, rel=0.2)  # the "sigma above the detail" picture
+
+
+def test_step_bias_fades_at_small_sigma():
+    """Below sigma ~ 1 the excess falls like r sigma^2 / 4 (too small to simulate cheaply)."""
+    r = 0.3
+    for sigma in (0.1, 0.03, 0.01):
+        v = 1 + sigma**2
+        exact = m3.ula_stationary_variance(v, r * sigma**2) / v - 1
+        assert exact == pytest.approx(r * sigma**2 / (4 * v), rel=1e-3)
+        assert exact < 0.011 * r / 4
 
 
 def test_variance_ratio_matches_simulated_chain():
@@ -227,13 +272,13 @@ def test_same_weights_control_has_exact_counts_and_true_components():
 
 def test_distances_of_a_pure_weight_error():
     """Section 4.2: with unit modes 14.1 apart, a weight error dw alone gives
-    MMD^2 ~ (2/3) dw^2 (bandwidth 1) and SW2^2 ~ half of dw |mu_1 - mu_2|^2."""
+    MMD^2 ~ (2/3) dw^2 (bandwidth 1) and SW2^2 ~ 0.4 dw |mu_1 - mu_2|^2."""
     n, dw = 3000, 0.3
     ref = m.same_weights_control(DATA, 0.8, n, torch.Generator().manual_seed(0))
     x = m.same_weights_control(DATA, 0.8 - dw, n, torch.Generator().manual_seed(1))
     q = m.sample_quality(x, ref, seed=0)
     assert q["mmd"] == pytest.approx(2 / 3 * dw**2, rel=0.15), q
-    assert 0.3 < q["sw"] ** 2 / (dw * 200) < 0.55, q
+    assert 0.33 < q["sw"] ** 2 / (dw * 200) < 0.47, q  # "about 0.4 survives"
     # the unbiased MMD^2 of two draws of the same law scatters around 0, by about 1/n
     same = m.same_weights_control(DATA, 0.8, n, torch.Generator().manual_seed(2))
     assert abs(m.sample_quality(same, ref, seed=0)["mmd"]) < 3 / n
@@ -251,7 +296,7 @@ def test_summary_marks():
     assert m.with_mark("0.60", False, quick=False).endswith("MISS")
     assert m.with_mark("0.60", False, quick=True) == "0.60"
     row = m.sweep_row(1.0, 0.59, m.valley_depth(DATA, 1.0), 20.5, quick=False)
-    assert row[1].endswith("ok") and "fails" in row[2]
+    assert row[1].endswith("ok") and "fails" in row[2] and "valley/peak = 1e-05" in row[2]
     row = m.sweep_row(5.0, 0.70, 1.0, 20.5, quick=False)
     assert row[1].endswith("MISS")
 
@@ -260,11 +305,12 @@ def test_summary_marks():
 def test_generator_yields_each_level_and_denoised_state():
     sig = ladder(n=4)
     x0 = torch.zeros(5, 2, dtype=F64)
-    states = list(m.annealed_langevin_states(m6.exact_score_fn(DATA), x0, sig, 1e-5, 3,
-                                             torch.Generator().manual_seed(0)))
+    states = list(m.annealed_langevin_states(m6.exact_score_fn(DATA), x0, sig, eps=1e-5,
+                                             n_steps=3, generator=torch.Generator().manual_seed(0)))
     assert len(states) == 5 and all(s.shape == (5, 2) for s in states)
-    no_denoise = list(m.annealed_langevin_states(m6.exact_score_fn(DATA), x0, sig, 1e-5, 3,
-                                                 torch.Generator().manual_seed(0),
+    no_denoise = list(m.annealed_langevin_states(m6.exact_score_fn(DATA), x0, sig, eps=1e-5,
+                                                 n_steps=3,
+                                                 generator=torch.Generator().manual_seed(0),
                                                  denoise=False))
     assert len(no_denoise) == 4
     torch.testing.assert_close(no_denoise[-1], states[-2])
@@ -273,8 +319,9 @@ def test_generator_yields_each_level_and_denoised_state():
 def test_final_denoising_step_is_the_posterior_mean():
     sig = torch.tensor([3.0, 0.5], dtype=F64)
     x0 = m.prior_sample(50, (2,), 3.0, torch.Generator().manual_seed(0))
-    *_, last, denoised = m.annealed_langevin_states(m6.exact_score_fn(DATA), x0, sig, 0.05, 5,
-                                                     torch.Generator().manual_seed(1))
+    *_, last, denoised = m.annealed_langevin_states(m6.exact_score_fn(DATA), x0, sig, eps=0.05,
+                                                     n_steps=5,
+                                                     generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(denoised, DATA.posterior_mean(last, 0.5))
 
 
@@ -282,8 +329,10 @@ def test_agrees_with_module_06_sketch():
     """06's annealed_langevin(step_ratio) equals ours with eps = step_ratio * sigma_L^2."""
     sig = ladder(n=5)
     x0 = m.prior_sample(20, (2,), 20.0, torch.Generator().manual_seed(0))
-    ours = m.annealed_langevin(m6.exact_score_fn(DATA), x0, sig, 0.3 * sig[-1].item() ** 2, 7,
-                               torch.Generator().manual_seed(1))
+    ours = m.annealed_langevin(m6.exact_score_fn(DATA), x0, sig, eps=0.3 * sig[-1].item() ** 2,
+                               n_steps=7, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(TypeError):  # the step arguments are keyword-only (06's order differs)
+        m.annealed_langevin(m6.exact_score_fn(DATA), x0, sig, 7, 0.3)
     theirs = m6.annealed_langevin(m6.exact_score_fn(DATA), x0, sig, 7, 0.3,
                                   torch.Generator().manual_seed(1))
     torch.testing.assert_close(ours, theirs)
