@@ -13,8 +13,8 @@ pytestmark = pytest.mark.ch04
 m = load_module("04")
 F64 = torch.float64
 
-# The bound the module states (Section 2.4 / summary): a quick-sized training run (300 Adam
-# steps at sigma = 0.5, seed 0) brings the density-weighted relative error below 0.05.
+# The pass threshold the module states (Section 2.4 / summary): a quick-sized training run
+# (300 Adam steps at sigma = 0.5, seed 0) brings the density-weighted relative error below 0.05.
 QUICK_SIGMA, QUICK_BOUND = 0.5, 0.05
 
 
@@ -127,6 +127,46 @@ def test_floor_is_sigma_squared_times_module_02_constant(gen):
         c_sigma = sm02.dsm_minus_esm(perturbed.score, x, sigma)
         assert m.dsm_loss_floor(perturbed, sigma, x) == pytest.approx(
             sigma**2 * c_sigma.mean().item(), rel=1e-12)
+
+
+def test_floor_is_the_unpredictable_part_of_the_noise(gen):
+    """Section 2.3: sigma s_sigma(x~) = -E[z | x~] (E[z | x~] from the score-free posterior mean,
+    pointwise), so L*_sigma = 1/2 E|z - E[z | x~]|^2 (Monte Carlo, 4 standard errors); and the
+    million-sample floor of the figure agrees with it."""
+    mix, n = m.mixture_2d(), 200_000
+    for sigma in (0.2, 1.0):
+        perturbed = mix.perturbed(sigma)
+        x0 = mix.sample(n, gen, dtype=F64)
+        z = torch.randn(n, 2, generator=gen, dtype=F64)
+        x_noisy = x0 + sigma * z
+        z_hat = (x_noisy - mix.posterior_mean(x_noisy, sigma)) / sigma  # E[z | x~]
+        torch.testing.assert_close(sigma * perturbed.score(x_noisy), -z_hat,
+                                   rtol=1e-9, atol=1e-9)
+        unpredictable = 0.5 * (z - z_hat).square().sum(1)
+        floor = m.dsm_loss_floor(perturbed, sigma, x_noisy)
+        assert abs(unpredictable.mean().item() - floor) < 4 * unpredictable.std() / math.sqrt(n)
+        floor_mc, se = m.dsm_loss_floor_mc(perturbed, sigma, 400_000, gen)
+        assert se < 1.5e-3
+        assert floor_mc == pytest.approx(floor, abs=4 * math.hypot(
+            se, unpredictable.std().item() / math.sqrt(n)))
+
+
+def test_posterior_mean_by_gaussian_conditioning_formula(gen):
+    """Section 2.5: E[x | x~] = sum_k p(k | x~) (mu_k + C_k (C_k + sigma^2 I)^{-1} (x~ - mu_k)),
+    with p(k | x~) proportional to w_k N(x~; mu_k, C_k + sigma^2 I), written out by hand."""
+    mix, sigma = m.mixture_2d(), 0.4
+    x_noisy = mix.perturbed(sigma).sample(500, gen, dtype=F64)
+    eye = torch.eye(2, dtype=F64)
+    log_r, cond = [], []
+    for w, mu, cov in zip(mix.weights, mix.means, mix.covs):
+        c_noisy = cov + sigma**2 * eye
+        normal = torch.distributions.MultivariateNormal(mu, c_noisy)
+        log_r.append(math.log(w) + normal.log_prob(x_noisy))
+        cond.append(mu + torch.linalg.solve(c_noisy, (x_noisy - mu).T).T @ cov.T)
+    r = torch.softmax(torch.stack(log_r, 1), dim=1)  # (N, K) responsibilities
+    by_hand = (r[:, :, None] * torch.stack(cond, 1)).sum(1)
+    torch.testing.assert_close(mix.posterior_mean(x_noisy, sigma), by_hand,
+                               rtol=1e-10, atol=1e-10)
 
 
 def test_learnable_part_of_the_loss_is_tiny_at_small_sigma(gen):
@@ -323,8 +363,9 @@ def test_make_score_net_leaves_global_rng_alone():
 
 
 # -- the script -------------------------------------------------------------------------------
-def test_quick_run_writes_all_figures(tmp_path):
+def test_quick_run_writes_all_figures(tmp_path, capsys):
     results = m.main(["--quick", "--outdir", str(tmp_path)])
+    assert "unrepresentative" in capsys.readouterr().out  # the --quick note
     names = {p.name for p in (tmp_path / m.MODULE).glob("*.png")}
     assert names == {"dsm_training.png", "learned_vs_exact_scores.png", "error_vs_sigma.png",
                      "tweedie_denoising.png", "swiss_roll.png"}
@@ -361,6 +402,9 @@ def test_langevin_runs_for_the_same_total_time_at_every_sigma():
         assert eps == pytest.approx(0.5 * sigma**2)
         assert abs(steps * eps - cfg.langevin_time) <= eps / 2
     assert m.langevin_steps_for(0.1, cfg)[1] == 6000 and m.langevin_steps_for(0.25, cfg)[1] == 960
+    # eps / width^2 with width^2 = 0.1^2 + sigma^2: 0.25 and 0.43, the same order
+    ratios = [m.langevin_steps_for(sig, cfg)[0] / (0.1**2 + sig**2) for sig in (0.1, 0.25)]
+    assert ratios == pytest.approx([0.25, 0.43], abs=0.005)
 
 
 def test_swiss_roll_radius_runs_along_the_curve(gen):

@@ -101,7 +101,9 @@ def check_scaled_tweedie(fn):
         expected = mix.posterior_mean(x_noisy, sigma, scale)  # Gaussian conditioning
         got = fn(lambda x: mix.perturbed_score(x, sigma, scale), x_noisy, scale, sigma)
         assert_close(got, expected, what=f"E[x0 | x~] for x~ = {scale} x0 + {sigma} z",
-                     hint="E[scale * x0 | x~] = x~ + sigma^2 s(x~); then divide by scale",
+                     hint="Tweedie's formula gives the posterior mean of whatever was "
+                          "noised, and here that is not x0 itself; try the docstring's point "
+                          "mass by hand",
                      rtol=1e-8, atol=1e-10)
 
 
@@ -199,6 +201,13 @@ def test_examples_in_docstrings_hold():
                                               torch.eye(2, dtype=F64), 1.0)
     torch.testing.assert_close(s, torch.tensor([[-1.0, 0.0]], dtype=F64))
     x = torch.randn(5, 2, dtype=F64)
-    torch.testing.assert_close(sol.exercise_scaled_tweedie(lambda y: -y, x, 0.5, 1.0),
-                               torch.zeros(5, 2, dtype=F64))
+    # 4.3: point mass at m = (1, 2), scale 0.5, sigma 1: the answer is m for every x~, and the
+    # example tells the right answer from the wrong ones (forgetting or multiplying the scale)
+    mass, scale = torch.tensor([1.0, 2.0], dtype=F64), 0.5
+    score = lambda y: -(y - scale * mass) / 1.0**2  # noqa: E731
+    torch.testing.assert_close(sol.exercise_scaled_tweedie(score, x, scale, 1.0),
+                               mass.expand(5, 2))
+    no_division = scaled_tweedie_forgets_division(score, x, scale, 1.0)
+    assert not torch.allclose(no_division, mass.expand(5, 2))
+    assert not torch.allclose(no_division * scale, mass.expand(5, 2))  # multiplied instead
     torch.testing.assert_close(sol.exercise_noise_prediction(lambda y: -y / 4, x, 2.0), x / 2)
