@@ -47,7 +47,8 @@ IMPLEMENTATION NOTES:
   floors, exact |score| curves, score errors and exact-score samples are all ground truth.
 - Five networks are trained with the same optimiser, steps and batch size; they differ in one
   design choice each. The default run trains all five and samples from each in about 2.5
-  minutes of CPU time; --quick (a smoke run with undertrained networks) about 15 seconds.
+  minutes of CPU time (measured, single thread: 142 s on a quiet 2-core machine, 172 s on a
+  busy one); --quick (a smoke run with undertrained networks) about 15 seconds.
 - Everything runs on the CPU, whatever --device says (the run prints a note): the 2D networks
   are too small to gain from a GPU.
 - Samples for "sample quality" come from annealed Langevin dynamics (a short version here;
@@ -128,7 +129,7 @@ class Config:
     # A second EMA of the full recipe with the decay long image runs use: its window
     # 1/(1-d) = 1000 steps is too long for 2500 steps, which Section 4.5 shows.
     slow_ema_decay: float = 0.999
-    eval_every: int = 50  # steps between evaluations of raw and EMA weights
+    eval_every: int = 100  # steps between evaluations of raw and EMA weights
     n_eval: int = 2000  # points per noise level when measuring score errors
     n_val: int = 400  # validation points per level, evaluated every eval_every steps
     # annealed Langevin sampling
@@ -181,9 +182,11 @@ def ema_decay(text: str) -> float:
 # and with SDEs (module 08) needs the perturbed score at *many* levels,
 # $$ s_\theta(x, \sigma) \approx \nabla_x \log p_\sigma(x), \qquad
 #    p_\sigma = p_\text{data} * \mathcal{N}(0, \sigma^2 I), $$
-# so the noise level becomes an input. Three questions decide how well such a network trains:
-# how $\sigma$ enters the network (2.2-2.4), how large its output must be (2.5), and how the
-# levels are weighted in the loss (2.6).
+# so the noise level becomes an input. **Notation change:** module 04 wrote $x$ for clean data
+# and $\tilde x$ for noisy data; in this module (and in module 08) $x_0$ is the clean point and
+# $x = x_0 + \sigma z$ the noisy one, the network's input. Three questions decide how well
+# such a network trains: how $\sigma$ enters the network (2.2-2.4), how large its output must
+# be (2.5), and how the levels are weighted in the loss (2.6).
 #
 # ## 2.2 Feeding the noise level in
 # The plainest choice appends $\log\sigma$ to $x$ as one more input of an MLP. It works, but
@@ -193,11 +196,14 @@ def ema_decay(text: str) -> float:
 # of the code to *every* hidden layer:
 # $$ e = \mathrm{SiLU}\big(A\,\mathrm{emb}(t) + a\big), \qquad
 #    h_{l+1} = \mathrm{SiLU}\big(W_l h_l + b_l + P_l\, e + p_l\big), \qquad
-#    \text{output} = W_\text{out} h_L + b_\text{out}, $$
-# with $h_0 = x$, and $(A, a)$, $(W_l, b_l)$, $(P_l, p_l)$, $(W_\text{out}, b_\text{out})$ the
-# weights and biases of `nn.Linear` layers (`TimeConditionalScoreNet` in 3.3 is exactly this).
-# Here $t$ is whatever labels the level: $\log\sigma$ for a noise-conditional net, the SDE
-# time $t \in [0, 1]$ for a time-conditional one (module 08).
+#    \text{output} = W_\text{out} h_M + b_\text{out}, $$
+# with $h_0 = x$, $l = 0, \dots, M-1$ for $M$ hidden layers, and $(A, a)$, $(W_l, b_l)$,
+# $(P_l, p_l)$, $(W_\text{out}, b_\text{out})$ the weights and biases of `nn.Linear` layers
+# (`TimeConditionalScoreNet` in 3.3 is exactly this).
+# Here $t$ is whatever the embedding receives: $\log\sigma$ for a noise-conditional net, the
+# SDE time $t \in [0, 1]$ for a time-conditional one (module 08). In the code the level enters
+# as `sigma` (`NoiseConditionalScoreNet.forward(x, sigma)`, which takes the log itself) or as
+# the time `t` (`TimeConditionalScoreNet.forward(x, t)`); in 2.3-2.4 $t$ just names the input.
 # Why $\log\sigma$ and not $\sigma$: our levels are geometric, so they are *evenly spaced in*
 # $\log\sigma$ (0.59 apart) while in $\sigma$ they crowd together at the small end (0.020 and
 # 0.036 differ by 0.016, 4.0 and 2.2 by 1.8). An embedding that must tell neighbours apart
@@ -217,7 +223,8 @@ def ema_decay(text: str) -> float:
 # With finitely many frequencies the kernel is only a Monte Carlo estimate of that Gaussian:
 # once $|t - t'| \gg 1/(2\pi s)$ the $E/2$ cosines have scattered phases, each with mean
 # $\approx 0$ and variance $1/2$, so their average leaves random **side lobes** of typical
-# size $\sqrt{(1/2)/(E/2)} = 1/\sqrt{E}$: 0.125 for our $E = 64$, with peaks of 0.3-0.4.
+# size $\sqrt{(1/2)/(E/2)} = 1/\sqrt{E}$: 0.125 for our $E = 64$, the largest of them
+# typically $\pm$0.2-0.4.
 # Song et al. use $s = 16$ on $\log\sigma$ (NCSN++) and $s = 30$ on $t \in [0, 1]$ (their Colab).
 #
 # ## 2.4 Sinusoidal embedding
@@ -233,8 +240,14 @@ def ema_decay(text: str) -> float:
 # $\nabla_x \log p(x \mid x_0) = -z/\sigma$, whose size is exactly
 # $$ \mathbb{E}\,|z/\sigma|^2 = D/\sigma^2. $$
 # The true perturbed score is its conditional mean, $s^*_\sigma(x) = \mathbb{E}[-z/\sigma \mid x]$,
-# so by Jensen $\mathbb{E}|s^*_\sigma|^2 \le D/\sigma^2$, with near-equality once $\sigma$ exceeds
-# the data's spread. For Gaussian data $\mathcal{N}(m, C)$ it is exactly
+# so by Jensen, at every $x$,
+# $|\mathbb{E}[-z/\sigma \mid x]|^2 \le \mathbb{E}[\,|z/\sigma|^2 \mid x]$, and averaging over
+# $x$ gives $\mathbb{E}|s^*_\sigma|^2 \le D/\sigma^2$. Equality needs $z$ to be
+# (nearly) determined by $x$, i.e. $\sigma$ comparable to the data's radius (~2-4 here): for our
+# mixture the exact curve runs roughly *parallel* to $\sqrt{D}/\sigma$ above $\sigma \approx 0.15$
+# (log-log slope about $-0.94$) but a fifth to a third below it (ratio 0.66-0.84 for
+# $0.2 \le \sigma \le 2.2$), and comes close (0.95) only at $\sigma = 4$.
+# For Gaussian data $\mathcal{N}(m, C)$ it is exactly
 # $\mathbb{E}|s^*_\sigma|^2 = \operatorname{tr}\big((C + \sigma^2 I)^{-1}\big)$: this falls like
 # $D/\sigma^2$ when $\sigma^2$ exceeds the eigenvalues of $C$ and saturates at
 # $\operatorname{tr}(C^{-1})$ when it is below them. For our mixture (components of std 0.15,
@@ -243,22 +256,34 @@ def ema_decay(text: str) -> float:
 #
 # Over $\sigma \in [0.02, 4]$ the score's size changes by a factor of ~30; in image models, whose
 # data hug a thin manifold, by up to $\sigma_\max/\sigma_\min \sim 10^3$-$10^4$. NCSNv2's remedy:
-# let the network predict $f_\theta = \sigma s$, which is $O(1)$ at every level
-# ($\mathbb{E}|\sigma s^*|^2 \le D$), and return
+# let the network predict $f_\theta = \sigma s$, which is *at most* $O(1)$ at every level
+# ($\mathbb{E}|\sigma s^*|^2 \le D$ is a bound, not an equality: for our mixture
+# $\sigma\sqrt{\mathbb{E}|s^*|^2}$ ranges from 0.19 at $\sigma_\min$ to 1.34 at $\sigma_\max$), and
+# return
 # $$ s_\theta(x, \sigma) = f_\theta(x, \sigma)/\sigma . $$
 # The $1/\sigma$ law is then built into the architecture instead of learned.
 #
 # ## 2.6 The $\sigma^2$ weighting and the loss floor of each level
 # With weight $\lambda(\sigma)$ the loss of one level is
-# $\ell(\sigma) = \tfrac12\lambda(\sigma)\,\mathbb{E}|s_\theta(x, \sigma) + z/\sigma|^2$. Expanding
-# around $s^*$ (the cross term vanishes because $s^* = \mathbb{E}[-z/\sigma \mid x]$):
+# $\ell(\sigma) = \tfrac12\lambda(\sigma)\,\mathbb{E}|s_\theta(x, \sigma) + z/\sigma|^2$. Write
+# $\sigma s_\theta + z = \sigma(s_\theta - s^*) + (\sigma s^* + z)$ and expand; the cross term
+# vanishes because $\mathbb{E}[\sigma s^* + z \mid x] = 0$ ($s^* = \mathbb{E}[-z/\sigma \mid x]$):
 # $$ \tfrac12\mathbb{E}|\sigma s_\theta + z|^2
 #    = \underbrace{\tfrac12\big(D - \sigma^2\,\mathbb{E}|s^*_\sigma|^2\big)}_{
 #        \text{floor, in } [0, D/2]}
 #    + \underbrace{\tfrac12\sigma^2\,\mathbb{E}|s_\theta - s^*_\sigma|^2}_{\text{excess}} . $$
+# The floor is $\tfrac12\mathbb{E}|\sigma s^* + z|^2$, expanded:
+# $\mathbb{E}|\sigma s^* + z|^2 = \sigma^2\mathbb{E}|s^*|^2 + 2\sigma\,\mathbb{E}[s^*\cdot z] + D$,
+# and $\mathbb{E}[s^*\cdot z] = \mathbb{E}[s^*\cdot\mathbb{E}[z \mid x]]
+# = -\sigma\,\mathbb{E}|s^*|^2$, so it equals $D - \sigma^2\mathbb{E}|s^*|^2$, which lies in
+# $[0, D]$ by 2.5's bound.
 # Without weighting ($\lambda = 1$) each level's loss is this divided by $\sigma^2$: the factor
 # $1/\sigma^2$ alone spans $(\sigma_\max/\sigma_\min)^2 = 40000$, and the smallest levels own the
-# gradient. With $\lambda = \sigma^2$ (Song and Ermon 2019) every level's loss lies in $[0, D/2]$.
+# gradient. With $\lambda = \sigma^2$ (Song and Ermon 2019) every level's *floor* lies in
+# $[0, D/2]$, and a good network sits just above it. The loss itself (floor + excess) is not
+# bounded: at initialisation the output $f = \sigma s_\theta$ is nearly unrelated to $z$, so the
+# loss is about $\tfrac12(\mathbb{E}|f|^2 + D) \ge D/2$ at every level, and the curves of 4.4
+# start at 1 or a little above (a fresh network's $f$ is small).
 # Together with output scaling the loss becomes $\tfrac12\mathbb{E}|f_\theta + z|^2$:
 # **predict the noise**, an $O(1)$ target at every level, which is DDPM's loss with
 # $\epsilon_\theta = -f_\theta$. Since we know $s^*$, we can compute every level's floor and
@@ -287,7 +312,8 @@ def ema_decay(text: str) -> float:
 #
 # ## 2.9 Sampling to measure quality: annealed Langevin dynamics
 # Run Langevin dynamics (module 03) at each level from $\sigma_1$ down to $\sigma_L$, starting from
-# $\mathcal{N}(0, \sigma_1^2 I)$, with step $\alpha_i = r\,\sigma_i^2$:
+# $\mathcal{N}(0, \sigma_1^2 I)$, with step $\alpha_i = r\,\sigma_i^2$ (Song and Ermon's
+# $\alpha_i = \epsilon\,\sigma_i^2/\sigma_L^2$ written with $r = \epsilon/\sigma_L^2$):
 # $x \leftarrow x + \tfrac{\alpha_i}{2} s_\theta(x, \sigma_i) + \sqrt{\alpha_i}\, z$, then one
 # denoising step $x \leftarrow x + \sigma_L^2 s_\theta(x, \sigma_L)$ (Tweedie, module 04).
 # We use $r = 0.3$ (`Config.step_ratio`) and 50 steps per level (`--langevin-steps`).
@@ -427,9 +453,11 @@ class ConcatScoreNet(nn.Module):
 class TimeConditionalScoreNet(nn.Module):
     """s(x, t): an MLP whose hidden layers are all conditioned on an embedding of t.
 
-        e   = SiLU(Linear(emb(time_transform(t))))                     (N, hidden)
-        h_1 = SiLU(Linear(x) + P_1 e),  h_{l+1} = SiLU(Linear(h_l) + P_{l+1} e)
-        out = Linear(h_L) / output_scale(t)                             (N, D)
+        e       = SiLU(A emb(time_transform(t)) + a)                    (N, hidden)
+        h_0     = x,  h_{l+1} = SiLU(W_l h_l + b_l + P_l e + p_l),  l = 0 .. M-1
+        out     = (W_out h_M + b_out) / output_scale(t)                 (N, D)
+
+    (the notation of Section 2.2; M = n_layers, layers[l] is (W_l, b_l), cond[l] is (P_l, p_l)).
 
     Args:
         dim:            D, the data dimension.
@@ -474,10 +502,12 @@ class TimeConditionalScoreNet(nn.Module):
     def forward(self, x: Tensor, t) -> Tensor:
         t = as_batch(t, x)
         tt = t if self.time_transform is None else self.time_transform(t)
-        e = self.embed(tt).to(x.dtype)
+        if len(tt) > 1 and bool((tt == tt[0]).all()):
+            tt = tt[:1]  # one level for the whole batch (sampling): its code once, (1, hidden),
+        e = self.embed(tt).to(x.dtype)  # which broadcasts in P_l e below; else (N, hidden)
         h = x
         for layer, proj in zip(self.layers, self.cond):
-            h = self.act(layer(h) + proj(e))  # h_{l+1} = SiLU(W h_l + b + P e)
+            h = self.act(layer(h) + proj(e))  # h_{l+1} = SiLU(W_l h_l + b_l + P_l e + p_l)
         out = self.out(h)
         if self.output_scale is not None:
             out = out / expand_to(self.output_scale(t), out)  # s = f / sigma(t)
@@ -492,7 +522,8 @@ class NoiseConditionalScoreNet(TimeConditionalScoreNet):
     """s(x, sigma) = f(x, log sigma) / sigma: conditioned on log sigma, output divided by sigma.
 
     The same arguments as TimeConditionalScoreNet, except that the level is sigma itself
-    and ``scale_output`` switches the division by sigma on or off.
+    and ``scale_output`` switches the division by sigma on or off. (The parent calls its level
+    t; here that t is sigma, its time_transform is log, and the embedding sees log sigma.)
     forward(x: (N, D), sigma: (N,) or a number) -> (N, D).
     """
 
@@ -502,6 +533,9 @@ class NoiseConditionalScoreNet(TimeConditionalScoreNet):
         super().__init__(dim, hidden, embed_dim, embedding, n_layers,
                          output_scale=_identity if scale_output else None,
                          time_transform=torch.log, **kwargs)
+
+    def forward(self, x: Tensor, sigma) -> Tensor:
+        return super().forward(x, sigma)  # the parent's t is sigma here
 
 
 # %% [markdown]
@@ -823,11 +857,16 @@ FOURIER_SCALE = 16.0  # as NCSN++ (on log sigma); the Colab tutorial uses 30 on 
 # decades. The Fourier kernel falls to zero well inside one spacing of the noise levels
 # (dotted): neighbouring levels get nearly unrelated codes. With $E = 64$, i.e. only 32
 # frequencies, the kernel keeps random side lobes of typical size $1/\sqrt{E} = 0.125$ (the
-# grey band; Section 2.3) and peaks of ~0.4: two distant levels can look accidentally a little
-# alike, which the learned layers after the embedding easily undo. The summary prints the
-# side lobes' measured RMS. The sinusoidal kernel's peak is as narrow,
-# but its slow features keep distant levels ~40% alike: it encodes $t$ at many resolutions at
-# once. Either way the network can tell the levels apart.
+# grey band; Section 2.3), the largest typically $\pm$0.2-0.4 (in the default run's figure
+# $-0.42$, a negative one): two distant levels can look accidentally a little alike, or
+# anti-alike, which the learned layers after the embedding easily undo. The summary prints the
+# side lobes' measured RMS. The sinusoidal kernel's peak is as narrow, but its slow features
+# keep distant levels ~40% alike: it encodes $t$ at many resolutions at once. Either way the
+# network can tell the levels apart.
+# (In the middle heat map the top rows, $\sin(\omega_i \cdot 1000\,t)$ with $\omega_i$ near 1,
+# complete over a hundred periods across the panel, about as many as it has pixels: they are
+# drawn as fine, partly blended stripes, computed at 4000 points (25 per period) so that they
+# are not aliased into false slow patterns.)
 #
 # The figure embeds $t \in [0, 1]$, as the time-conditional nets do. The `full` net instead
 # embeds $\log\sigma$ (Section 2.2), on which neighbouring levels lie $\log 1.8 = 0.59$ apart
@@ -841,20 +880,25 @@ def demo_embeddings(run, cfg: Config) -> dict:
     fourier = GaussianFourierFeatures(cfg.embed_dim, FOURIER_SCALE, generator=seed + 1)  # as in 4.3
     sinusoidal = SinusoidalEmbedding(cfg.embed_dim)
     wide = GaussianFourierFeatures(4096, FOURIER_SCALE, generator=seed + 2)
-    t = torch.linspace(0, 1, 500)
+    # 25 samples per period of the fastest sinusoidal row, sin(1000 t); the "antialiased"
+    # drawing then averages what the pixels cannot resolve instead of aliasing it
+    t = torch.linspace(0, 1, 4000)
     order = fourier.W.abs().argsort()
     half = cfg.embed_dim // 2
     feats = fourier(t)[:, torch.cat([order, order + half])]  # sort by |W|, sines then cosines
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
-    panels = ((axes[0], feats, f"Gaussian Fourier features of t (scale {FOURIER_SCALE:g})"),
-              (axes[1], sinusoidal(ddpm_time(t)), "Sinusoidal embedding of 1000 t"))
-    for ax, emb, title in panels:
+    rows = f"0-{half - 1}: sin, {half}-{cfg.embed_dim - 1}: cos"
+    panels = ((axes[0], feats, f"Gaussian Fourier features of t (scale {FOURIER_SCALE:g})",
+               f"feature, by |W| from small to large\n({rows})"),
+              (axes[1], sinusoidal(ddpm_time(t)), "Sinusoidal embedding of 1000 t",
+               f"feature index i, frequency falls with i\n({rows})"))
+    for ax, emb, title, ylabel in panels:
         im = ax.imshow(emb.T.numpy(), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1,
-                       extent=(0, 1, cfg.embed_dim - 0.5, -0.5), interpolation="nearest")
+                       extent=(0, 1, cfg.embed_dim - 0.5, -0.5), interpolation="antialiased")
         ax.axhline(half - 0.5, color="k", lw=0.8)
         ax.set_xlabel("t")
-        ax.set_ylabel(f"feature index (0-{half - 1}: sin, {half}-{cfg.embed_dim - 1}: cos)")
+        ax.set_ylabel(ylabel)
         ax.set_title(title)
     fig.colorbar(im, ax=axes[:2], label="feature value", shrink=0.8)
 
@@ -1056,8 +1100,10 @@ def moving_average(a: np.ndarray, window: int) -> np.ndarray:
 # ## 4.4 Debugging tip 2: the loss of every noise level, against its floor
 # Left: the $\sigma^2$-weighted training loss of each level of the full recipe (a 100-step
 # moving average), and dashed, its floor $\tfrac12(D - \sigma^2\mathbb{E}|s^*_\sigma|^2)$ computed
-# from the exact score. All levels live in $[0, D/2] = [0, 1]$, and each curve comes down to
-# just above its own floor: that is what "trained" looks like level by level. Small $\sigma$
+# from the exact score. Every floor lies in $[0, D/2] = [0, 1]$, but the losses do not: they
+# start at 1 or a little above (at initialisation about $\tfrac12(\mathbb{E}|f|^2 + D)$,
+# Section 2.6), and each curve comes down to just above its own floor: that is what "trained"
+# looks like level by level. Small $\sigma$
 # sits near $D/2$ (the noise cannot be predicted from $x$ when $\sigma \ll$ the data's spread),
 # large $\sigma$ near 0 (then $x \approx \sigma z$ reveals $z$). The levels around
 # $\sigma \approx 0.1$-$0.4$, where the eight modes separate, are learned last, some 1000 steps
@@ -1086,11 +1132,11 @@ def moving_average(a: np.ndarray, window: int) -> np.ndarray:
 #
 # **Losses "below" their floors.** The summary prints each level's final training loss (the
 # mean over the last 100 steps, about 5000 random $(x_0, z)$ pairs per level) with its Monte
-# Carlo standard error, up to about $\pm 0.01$ (less at large $\sigma$), measured from the
-# spread of the per-step means; the floors (20000 exact scores each) are good to $\pm 0.006$ or
-# better. The floor bounds the *expected* loss, not an average over finitely many noise draws,
-# so a measured loss a little under its floor by one or two standard errors (in the default
-# run: $0.938 \pm 0.013$ against a floor of 0.946 at $\sigma = 0.036$) is noise, not a bug.
+# Carlo standard error, measured from the spread of the per-step means (about $\pm 0.01$ at the
+# small levels, less at large $\sigma$); the floors (20000 exact scores each) carry their own,
+# smaller standard error, also printed. The floor bounds the *expected* loss, not an average
+# over finitely many noise draws, so a measured loss under its floor by one or two standard
+# errors is noise, not a bug.
 #
 # Middle: the same losses without the weight, $\ell/\sigma^2$: more than five decades apart,
 # so an unweighted sum would be the smallest levels' loss plus rounding error.
@@ -1117,7 +1163,7 @@ def demo_loss_per_level(run, cfg: Config, full: dict, data: GaussianMixture,
         axes[0].axhline(floors[i].item(), color=c, ls="--", lw=0.8)
         axes[1].plot(steps, smooth[:, i] / sigma**2, color=c, label=label)
         axes[2].plot(evals["step"], evals["ema"][:, i], color=c, label=label)
-    axes[0].set_ylim(0, 1.05)
+    axes[0].set_ylim(0, max(1.05, 1.03 * float(np.nanmax(smooth))))  # the start is above D/2
     axes[0].set_title("$\\sigma^2$-weighted loss per level (dashed: exact floor)")
     axes[0].set_ylabel(r"$\frac{1}{2}\,\mathbb{E}|\sigma s_\theta + z|^2$")
     axes[1].set_yscale("log")
@@ -1148,10 +1194,16 @@ def demo_loss_per_level(run, cfg: Config, full: dict, data: GaussianMixture,
 # Left: the learning rate ramps up over the warm-up and then stays constant. Middle: the
 # gradient norm before clipping; the dotted line is the threshold $c = 0.5$, set above the
 # typical norm so that only the rare spikes are shortened to norm $c$: clipping is a safety
-# net, not a second learning rate. Right: the total excess loss on validation points for the
-# raw weights and for their EMA. At a constant learning rate the raw weights keep jittering
-# around the optimum; their average over the last ~200 steps sits much closer to it. A decay
-# of 0.999 (window ~1000 steps) still remembers the early, poor weights after 2500 steps: the
+# net, not a second learning rate. The norm *rises* after the first few hundred steps instead
+# of shrinking towards 0: DSM's per-batch gradient never vanishes, because the floor is noise
+# (the target $-z/\sigma$ is random given $x$), and as the network sharpens (steeper functions
+# of $x$, larger weights) the same unpredictable residual $\sigma s_\theta + z$ back-propagates
+# into larger parameter gradients. Right: the total excess loss on validation points for the
+# raw weights and for their EMA (solid: `full`; dashed: `no_scaling`, which learns its small
+# levels more slowly, see 4.6, and ends higher, raw and EMA alike). At a constant learning
+# rate the raw weights keep jittering around the optimum; their average over the last ~200
+# steps sits much closer to it. A decay of 0.999 (window ~1000 steps) still remembers the
+# early, poor weights after 2500 steps: the
 # window must be short next to the run (or the learning rate must decay).
 #
 # **Why the EMA is worse than the raw weights early on** (the first ~700 steps for
@@ -1207,16 +1259,33 @@ def demo_training_strategies(run, cfg: Config, trained: dict) -> dict:
 # %% [markdown]
 # ## 4.6 Debugging tip 1: |score| against sigma
 # Left: the root-mean-square score $\sqrt{\mathbb{E}|s|^2}$ at $x \sim p_\sigma$ on log-log axes.
-# The exact curve (black) stays below the DSM target's $\sqrt{D}/\sigma$ (Jensen, Section 2.5),
-# follows it closely where $\sigma$ exceeds the components' width, and flattens below
-# $\sigma \approx 0.15$, where the perturbed score is the data's own score. The networks with
-# output scaling track it at every level; the one without it must learn a 30-fold range of
-# output sizes, and in this left (magnitude) panel its $|s|$ misses the exact curve most at the
-# small levels, where it comes out too small: its $\sigma^2$-weighted loss barely penalises
-# errors there ($\sigma^2 = 4\cdot 10^{-4}$). The summary's "worst-case ratio" row is the
-# learned-to-exact ratio of this panel at the level where it is farthest from 1.
-# Right: the relative error
-# $\sqrt{\mathbb{E}|s_\theta - s^*|^2 / \mathbb{E}|s^*|^2}$ of each network per level.
+# The dotted line is the RMS size of the DSM target,
+# $\sqrt{\mathbb{E}|z/\sigma|^2} = \sqrt{D}/\sigma$.
+# The exact curve (black) stays below it (Jensen, Section 2.5): roughly parallel to it above
+# $\sigma \approx 0.15$ (slope about $-0.94$) but a fifth to a third lower, meeting it only near
+# $\sigma = 4$, comparable to the data's radius; below $\sigma \approx 0.15$ it flattens, where
+# the perturbed score is the data's own score. The networks with output scaling track it at
+# every level; the one without it must learn a 30-fold range of output sizes, and its $|s|$
+# comes out too small at the small levels.
+#
+# Why, when both nets minimise the same $\sigma^2$-weighted loss, identical as a function of
+# $s$? The difference is the gradient that reaches the network's own output. With scaling the
+# output is $f = \sigma s$ and $\partial\ell/\partial f = f + z = O(1)$ at every level. Without
+# it the output is $s$ itself and $\partial\ell/\partial s = \sigma(\sigma s + z)$: at
+# $\sigma = 0.02$ that is $0.02 \times O(1)$, fifty times weaker, so within the same training
+# budget the small levels are learned much more slowly. The summary's "worst-case ratio" row is
+# the learned-to-exact ratio of this panel at the level where it is farthest from 1.
+#
+# Right: the relative error $\sqrt{\mathbb{E}|s_\theta - s^*|^2 / \mathbb{E}|s^*|^2}$ of each
+# network per level. Every net is worst at the smallest levels (25-40% at $\sigma = 0.02$),
+# because the loss hardly sees errors there: a relative error $r$ costs
+# $\tfrac12 r^2\sigma^2\mathbb{E}|s^*|^2$, about 0.002 for $r = 0.3$ at $\sigma = 0.02$, far below
+# the loss's own noise. The relative error mixes a wrong size with a wrong direction: at
+# $\sigma = 0.02$ `no_scaling`, whose fault is mainly its too-small size, can even come out
+# below `concat` and `time_fourier`, whose sizes are right but whose directions are noisier.
+# The two time-conditional nets also jump at $\sigma = 4$: they are trained on $t \sim U(0, 1)$,
+# and $t = 1$ is the end of that interval, seen from one side only, while the discrete-level
+# nets see $\sigma = 4$ itself in a tenth of every batch.
 
 # %%
 def demo_score_norms(run, cfg: Config, trained: dict, data: GaussianMixture,
@@ -1230,7 +1299,7 @@ def demo_score_norms(run, cfg: Config, trained: dict, data: GaussianMixture,
     exact = reports["full"]["exact_rms"]
     fig, (ax, ax_err) = plt.subplots(1, 2, figsize=(13, 5))
     s = sigmas.numpy()
-    ax.plot(s, math.sqrt(data.dim) / s, "k:", label=r"DSM target: $\sqrt{D}/\sigma$")
+    ax.plot(s, math.sqrt(data.dim) / s, "k:", label=r"RMS of the DSM target: $\sqrt{D}/\sigma$")
     ax.plot(s, exact, "ko-", lw=2, label="exact score")
     for name, marker in zip(VARIANTS, "sv^dx"):
         ax.plot(s, reports[name]["rms"], marker=marker, ls="--", ms=5, label=name)
@@ -1289,21 +1358,26 @@ def worst_ratio(ratio: Tensor, sigmas: Tensor) -> tuple[float, float]:
 # its average over repeated draws is exactly MMD$^2$. The price is that for $P = Q$ it
 # scatters around 0, on both sides, so small negative values are normal. How large is that
 # scatter? We measure it directly on pairs of independent data sets of the same size (true
-# MMD$^2$ = 0): with 2000 points its standard deviation is about $3\cdot 10^{-4}$ (the summary
-# prints this run's estimate from 20 pairs, itself uncertain by ~20%; the bar chart shades
-# $\pm$2 of it). MMD$^2$ values within about $\pm 6\cdot 10^{-4}$ of 0 are therefore
-# indistinguishable from fresh data, and the data floor's own value (here $-4.5\cdot 10^{-4}$)
-# is just one draw of that noise.
+# MMD$^2$ = 0): with 2000 points its standard deviation is a few $10^{-4}$ (the summary prints
+# this run's estimate from 20 pairs, itself uncertain by ~20%; the bar chart shades $\pm$2 of
+# it). MMD$^2$ values within about two of those standard deviations of 0 are therefore
+# indistinguishable from fresh data, and the data floor's own (often negative) value is just
+# one draw of that noise.
 #
 # What the summary shows:
 # * **EMA.** For every network the EMA weights sample closer to the data than the raw weights
-#   (MMD$^2$ drops by a factor of about 4 to 10, SW$_2$ falls too): at a constant learning rate
-#   the raw weights carry the noise of their last few steps (Section 4.5). The best EMA
-#   samplers reach MMD$^2 \approx 3.5$-$6\cdot 10^{-4}$, within two noise standard deviations
-#   of 0: MMD$^2$ cannot rank them against each other.
-# * **Output scaling.** Without the division by $\sigma$ the network leaves about twice as many
-#   samples between the modes, and its MMD$^2$ is clearly higher: its score at the small levels
-#   is too weak (its plateau in 4.6 sits low), so the last levels pull points into the modes
+#   (MMD$^2$ drops several-fold, SW$_2$ falls too): at a constant learning rate the raw weights
+#   carry the noise of their last few steps (Section 4.5). The best EMA samplers reach MMD$^2$
+#   within two or three noise standard deviations of 0 (compare the summary's noise row), so
+#   MMD$^2$ cannot rank them against each other.
+# * **Raw weights.** Which modes a raw sampler over- or under-fills depends on where the last
+#   few steps happened to leave the weights: random jitter. So do not compare the raw samplers
+#   with one another (`full, raw` can have the worst SW$_2$ of all, from an uneven split of its
+#   samples between the modes, while `full, EMA` is among the best).
+# * **Output scaling.** Without the division by $\sigma$ the network leaves two to three times
+#   as many samples between the modes, and its MMD$^2$ is clearly higher: its score at the
+#   small levels is too weak (its plateau in 4.6 sits low), so the last levels pull points
+#   into the modes
 #   too gently.
 # * SW$_2$ is dominated by how the samples split between the eight modes; with 2000 samples its
 #   noise (a few hundredths) hides the difference output scaling makes, which is why three
@@ -1479,12 +1553,13 @@ def exercise_ema_closed_form(history: Tensor, decay: float) -> Tensor:
                  step k.
         decay:   d in [0, 1].
     Returns:
-        (P,) the EMA weights theta_bar_n.
+        (P,) the EMA weights theta_bar_n, in history's dtype (the check uses float64).
 
-    Example: history [[0.], [1.], [1.]], decay 0.5: 0.25 * 0 + 0.5 * (0.5 * 1 + 1 * 1) = 0.75.
+    Example: history [[2.], [1.], [1.]], decay 0.5 (n = 2):
+        0.5^2 * 2 + 0.5 * (0.5 * 1 + 1 * 1) = 0.5 + 0.75 = 1.25.
 
     Hint: build the (n + 1,) weight vector [d^n, (1-d) d^(n-1), ..., (1-d) d^0] (it sums to
-    1) and contract it with history.
+    1; create it with dtype=history.dtype) and contract it with history.
     """
     # TODO: the weights, then weights @ history.
     raise NotImplementedError("Exercise 6.4: implement exercise_ema_closed_form")
@@ -1516,9 +1591,11 @@ def exercise_warmup_cosine_lambda(step: int, warmup_steps: int, total_steps: int
 # - The score's size falls like $1/\sigma$: the DSM target $-z/\sigma$ has
 #   $\mathbb{E}|z/\sigma|^2 = D/\sigma^2$ and the true score is bounded by it on average.
 #   Dividing the network's output by $\sigma$ builds this law in; the network then predicts the
-#   noise, an $O(1)$ target, and its $|s|$ tracks the exact curve at every level.
-# - The $\sigma^2$ weighting puts every level's loss in $[0, D/2]$; each level has an exact floor
-#   $\tfrac12(D - \sigma^2\mathbb{E}|s^*|^2)$, and the gap above it is the weighted score error.
+#   noise, an $O(1)$ target, receives an $O(1)$ gradient at every level, and its $|s|$ tracks
+#   the exact curve at every level.
+# - The $\sigma^2$ weighting puts every level's loss *floor*
+#   $\tfrac12(D - \sigma^2\mathbb{E}|s^*|^2)$ in $[0, D/2]$; a good network sits just above it,
+#   and the gap is the weighted score error.
 # - Warm-up and clipping keep early and unlucky steps small; an EMA of the weights, with a
 #   window short next to the run, removes most of the jitter of a constant learning rate and
 #   gives far better samples than the raw weights.
@@ -1583,19 +1660,19 @@ def main(argv=None):
          "about -1 (the 1/sigma law)"),
         ("worst-case ratio RMS|s| learned/exact (sigma)", "; ".join(
             f"{n} {v:.2f} ({s:.2g})" for n, (v, s) in r["rms_ratio_worst"].items()),
-         "1 (tracks the law); < 1: too weak"),
+         "~0.85-1 with / sigma; ~0.75 without (too weak)"),
         ("unweighted floors floor/sigma^2: max / min", f"{r['unweighted_floor_ratio']:.1e}",
          "weighted floors all in [0, D/2] = [0, 1]"),
     ]
     for i, sigma in enumerate(sigmas.tolist()):
         rows.append((f"sigma^2-weighted loss, sigma = {sigma:.3g} (full)",
                      f"{r['level_loss_final'][i]:.3f} +- {r['level_loss_se'][i]:.3f}",
-                     f"floor {r['level_floor'][i]:.3f} +- {r['level_floor_se'][i]:.3f}; "
+                     f"floor {r['level_floor'][i]:.3f} +- {r['level_floor_se'][i]:.2g}; "
                      f"loss >= floor up to MC noise"))
     rows += [
-        ("excess loss summed over levels (EMA)", "; ".join(
+        ("excess loss summed over levels (EMA, fresh points)", "; ".join(
             f"{n} {v:.3f}" for n, v in r["excess"].items()), "0 = exact score"),
-        ("excess loss, full: raw / EMA / slow EMA",
+        ("excess, full: raw / EMA / slow EMA (validation set)",
          f"{r['excess_raw']['full']:.3f} / {r['excess_ema']['full']:.3f} / "
          f"{r['excess_slow_ema']:.3f}", f"EMA d={cfg.ema_decay:g} lowest"),
         ("steps clipped (full recipe)", f"{100 * r['clipped_fraction']:.0f}%", "some"),

@@ -132,11 +132,17 @@ def rms_trace_of_inverse_wrong(cov, sigma):
 
 # -- 6.4 EMA closed form ------------------------------------------------------------------------
 def check_ema_closed_form(fn):
-    assert_close(fn(torch.tensor([[0.0], [1.0], [1.0]], dtype=F64), 0.5),
-                 torch.tensor([0.75], dtype=F64), what="the worked example",
-                 hint="0.25 * 0 + 0.5 * (0.5 * 1 + 1 * 1)", rtol=1e-12)
     gen = torch.Generator().manual_seed(3)
     history = torch.randn(60, 5, generator=gen, dtype=F64).cumsum(0)  # a random walk of weights
+    result = fn(history, 0.9)
+    if isinstance(result, torch.Tensor) and result.dtype != history.dtype:
+        raise AssertionError(f"history is {history.dtype} but the result is {result.dtype}. "
+                             f"Hint: keep history's dtype (build the weights with "
+                             f"dtype=history.dtype); float32 loses the digits the check needs")
+    assert_close(fn(torch.tensor([[2.0], [1.0], [1.0]], dtype=F64), 0.5),
+                 torch.tensor([1.25], dtype=F64), what="the worked example (theta_0 = 2)",
+                 hint="0.5^2 * 2 + 0.5 * (0.5 * 1 + 1 * 1): theta_0 keeps weight d^n, "
+                      "not (1 - d) d^n", rtol=1e-12)
     for decay in (0.0, 0.9, 0.99):
         net = torch.nn.Linear(5, 1, bias=False).double()
         with torch.no_grad():
@@ -164,6 +170,20 @@ def ema_forgets_initial_weights(history, decay):
     n = history.shape[0] - 1
     k = torch.arange(1, n + 1, dtype=history.dtype)
     return ((1 - decay) * decay ** (n - k)) @ history[1:]
+
+
+def ema_initial_weight_like_the_others(history, decay):
+    n = history.shape[0] - 1
+    k = torch.arange(n + 1, dtype=history.dtype)
+    return ((1 - decay) * decay ** (n - k)) @ history  # theta_0 gets (1 - d) d^n, not d^n
+
+
+def ema_in_float32(history, decay):
+    n = history.shape[0] - 1
+    k = torch.arange(n + 1, dtype=torch.float32)
+    w = (1 - decay) * decay ** (n - k)
+    w[0] = decay**n
+    return w @ history.float()
 
 
 # -- 6.5 warm-up + cosine -----------------------------------------------------------------------
@@ -215,7 +235,8 @@ EXERCISES = [
     Exercise("exercise_gaussian_score_rms", check_gaussian_score_rms,
              [rms_pure_law, rms_sigma_not_squared, rms_trace_of_inverse_wrong]),
     Exercise("exercise_ema_closed_form", check_ema_closed_form,
-             [ema_weights_reversed, ema_forgets_initial_weights]),
+             [ema_weights_reversed, ema_forgets_initial_weights,
+              ema_initial_weight_like_the_others, ema_in_float32]),
     Exercise("exercise_warmup_cosine_lambda", check_warmup_cosine_lambda,
              [cosine_without_warmup, cosine_off_by_one, cosine_missing_half]),
 ]
@@ -242,3 +263,5 @@ def test_examples_in_docstrings_hold():
                                             torch.tensor([1e-6], dtype=F64))
     assert small.item() == pytest.approx(math.sqrt(0.25 + 4.0), rel=1e-6)  # sqrt(tr C^{-1})
     assert sol.exercise_warmup_cosine_lambda(60, 10, 110) == pytest.approx(0.5)
+    ema = sol.exercise_ema_closed_form(torch.tensor([[2.0], [1.0], [1.0]], dtype=F64), 0.5)
+    assert ema.item() == pytest.approx(1.25)

@@ -59,9 +59,13 @@ def test_fourier_kernel_side_lobes_have_rms_one_over_sqrt_e():
     """Far from Delta = 0 the kernel is a mean of E/2 cosines of variance 1/2: RMS 1/sqrt(E)."""
     E, draws = 64, 400
     far = torch.linspace(0.05, 0.3, 126)  # beyond five kernel widths 1/(2 pi 16) = 0.01
-    ms = torch.stack([m.embedding_kernel(m.GaussianFourierFeatures(E, 16.0, generator=j), far)
-                      .square().mean() for j in range(draws)])
+    ks = torch.stack([m.embedding_kernel(m.GaussianFourierFeatures(E, 16.0, generator=j), far)
+                      for j in range(draws)])  # (draws, points)
+    ms = ks.square().mean(1)
     rms = ms.mean().sqrt().item()
+    # "the largest of them typically +-0.2-0.4": 10% and 90% quantiles of max |k| per draw
+    low, high = ks.abs().max(1).values.quantile(torch.tensor([0.1, 0.9])).tolist()
+    assert 0.18 < low < 0.25 and 0.33 < high < 0.42
     assert rms == pytest.approx(1 / math.sqrt(E), rel=0.05)
     # the check can fail: the other plausible constant 1/sqrt(E/2) is 41% larger
     assert abs(rms - 1 / math.sqrt(E / 2)) > 0.2 / math.sqrt(E)
@@ -155,6 +159,63 @@ def test_output_scale_divides_by_sigma_broadcast():
     assert m.expand_to(v, torch.zeros(2, 3, 4, 5)).shape == (2, 1, 1, 1)
 
 
+def test_one_level_per_batch_computes_the_code_once_with_the_same_result():
+    """Sampling passes one level for the whole batch; forward then embeds it once. The result
+    must equal the per-sample path (each row alone, where no sharing happens)."""
+    torch.manual_seed(0)
+    noise = m.GeometricNoise(0.02, 4.0, 10)
+    nets = [m.NoiseConditionalScoreNet(hidden=32, embed_dim=16, generator=0),
+            m.TimeConditionalScoreNet(hidden=32, embed_dim=16, embedding="sinusoidal",
+                                      output_scale=noise.sigma, time_transform=m.ddpm_time)]
+    x = torch.randn(6, 2)
+    for net, level in zip(nets, (0.3, 0.7)):
+        shared = net(x, torch.full((6,), level))
+        rows = torch.cat([net(x[i:i + 1], torch.full((1,), level)) for i in range(6)])
+        torch.testing.assert_close(shared, rows)
+        mixed = torch.full((6,), level)
+        mixed[0] = 0.5  # one different level: the batch path with one code per sample
+        torch.testing.assert_close(net(x, mixed)[1:], shared[1:])
+
+
+def test_gradient_reaching_the_output_with_and_without_scaling():
+    """Section 4.6: the same loss 1/2 |sigma s + z|^2, but with s = f / sigma the output gets
+    dl/df = f + z, and with s = f it gets dl/df = sigma (sigma f + z): sigma times weaker at
+    f ~ 0."""
+    gen = torch.Generator().manual_seed(0)
+    n, sigma = 4000, 0.02
+    x0, z = torch.randn(n, 2, generator=gen, dtype=F64), torch.randn(n, 2, generator=gen, dtype=F64)
+    f0 = 0.1 * torch.randn(n, 2, generator=gen, dtype=F64)
+    sig = torch.full((n,), sigma, dtype=F64)
+    grads = {}
+    for scaled in (True, False):
+        f = f0.clone().requires_grad_(True)
+        score = (lambda x, s: f / s[:, None]) if scaled else (lambda x, s: f)
+        m.dsm_loss(score, x0, sig, z).sum().backward()
+        grads[scaled] = f.grad
+    torch.testing.assert_close(grads[True], f0 + z)
+    torch.testing.assert_close(grads[False], sigma * (sigma * f0 + z))
+    ratio = (grads[False].norm() / grads[True].norm()).item()
+    assert ratio == pytest.approx(sigma, rel=0.02)  # fifty times weaker at sigma = 0.02
+
+
+def test_untrained_loss_is_about_half_of_f_squared_plus_d():
+    """Section 2.6: the floor lies in [0, D/2] but the loss does not: a fresh network's loss is
+    about 1/2 (E|f|^2 + D) >= D/2 at every level (f = sigma s nearly unrelated to z)."""
+    torch.manual_seed(0)
+    net = m.NoiseConditionalScoreNet(hidden=64, embed_dim=32, generator=0)
+    data, n = m.mixture_data(), 20_000
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for sigma in (0.02, 0.2, 4.0):
+            x0, z = data.sample(n, gen), torch.randn(n, 2, generator=gen)
+            sig = torch.full((n,), sigma)
+            loss = m.dsm_loss(net, x0, sig, z)
+            f_sq = (sigma * net(x0 + sigma * z, sig)).square().sum(1)
+            se = loss.std().item() / math.sqrt(n)
+            assert loss.mean().item() > 1.0 - 5 * se  # not below D/2 = 1
+            assert loss.mean().item() == pytest.approx(0.5 * (f_sq.mean().item() + 2), abs=0.05)
+
+
 def test_time_conditional_net_shapes_and_output_scale():
     noise = m.GeometricNoise(0.02, 4.0, 10)
     for embedding, transform in (("fourier", None), ("sinusoidal", m.ddpm_time)):
@@ -195,6 +256,23 @@ def test_exact_score_norm_obeys_jensen_and_the_gaussian_closed_form():
     assert rep["exact_rms"][-1].item() == pytest.approx(math.sqrt(2) / 8.0, rel=0.02)
 
 
+def test_exact_score_against_the_dsm_target_on_the_ladder():
+    """The numbers of Sections 2.5 and 4.6 for the module's mixture and ladder: slope -0.94
+    above sigma = 0.15, ratio sigma RMS|s*| / sqrt(D) of 0.66-0.84 for 0.2 <= sigma <= 2.2 and
+    0.95 at sigma = 4; sigma RMS|s*| from 0.19 (sigma_min) to 1.34 (sigma_max)."""
+    sigmas = m.noise_ladder(m.Config()).levels()
+    rep = m.score_report(None, m.mixture_data(), sigmas, 20_000, torch.Generator().manual_seed(0))
+    scaled = sigmas.double() * rep["exact_rms"]
+    ratio = scaled / math.sqrt(2)
+    upper = sigmas >= 0.15
+    assert m.loglog_slope(sigmas[upper], rep["exact_rms"][upper]) == pytest.approx(-0.94, abs=0.02)
+    middle = ratio[(sigmas > 0.2) & (sigmas < 2.3)]
+    assert middle.min() > 0.64 and middle.max() < 0.86
+    assert ratio[0].item() == pytest.approx(0.95, abs=0.01)
+    assert scaled[-1].item() == pytest.approx(0.19, abs=0.01)
+    assert scaled[0].item() == pytest.approx(1.34, abs=0.02)
+
+
 @pytest.mark.parametrize("sigma", [0.05, 0.5, 3.0])
 def test_weighted_dsm_loss_floor_and_excess(sigma):
     """1/2 E|sigma s + z|^2 = 1/2 (D - sigma^2 E|s*|^2) at s*, and exceeds it by
@@ -207,7 +285,11 @@ def test_weighted_dsm_loss_floor_and_excess(sigma):
     sig = torch.full((n,), sigma, dtype=F64)
     exact = lambda x, s: data.perturbed_score(x, sigma)
     loss = m.dsm_loss(exact, x0, sig, z)
-    exact_sq = exact(x0 + sigma * z, sig).square().sum(1)
+    s_star = exact(x0 + sigma * z, sig)
+    exact_sq = s_star.square().sum(1)
+    # the step of Section 2.6: E[s* . z] = E[s* . E[z | x]] = -sigma E|s*|^2
+    cross = (s_star * z).sum(1) + sigma * exact_sq
+    assert abs(cross.mean()) < 5 * cross.std() / math.sqrt(n)
     floor = 0.5 * (2 - sigma**2 * exact_sq)
     diff = loss - floor  # zero mean, same samples
     assert abs(diff.mean()) < 5 * diff.std() / math.sqrt(n)
