@@ -49,7 +49,8 @@ IMPLEMENTATION NOTES:
   from module 02 (`load_module("02")`: ism_loss, dsm_loss, fisher_divergence, mlp_score_net);
   this module adds the sliced losses beside them.
 - Sliced losses replicate each data point once per projection, so M projections still cost one
-  backward pass (over an M times larger batch), as in the SSM authors' code.
+  backward pass (over an M times larger batch: the work grows like M), as in the SSM authors'
+  code.
 - The fitting experiment uses a linear score model s(x) = W x + b on a 100-dimensional Gaussian:
   the truth lies in the model class, the Fisher divergence of every fit is exact (a closed form,
   no sampling), and DSM's bias has a closed form too.
@@ -428,7 +429,7 @@ def jacobian(score_fn: ScoreFn, x: Tensor) -> Tensor:
 # variance measurement need; `ssm_loss` draws the projections and averages, with the same
 # `reduction` convention as module 02's `ism_loss` and `dsm_loss`. Several projections per point
 # are handled by repeating each point once per projection, so the cost is still one backward
-# pass (over a larger batch).
+# pass (over an M times larger batch: the work grows like M, but in one vectorised call).
 
 # %%
 def ssm_objective(score_fn: ScoreFn, x: Tensor, v: Tensor, variance_reduced: bool = False,
@@ -772,15 +773,17 @@ def demo_projection_variance(run, cfg: Config, target: GaussianMixture) -> dict:
 #   behind. 2.4 computed the noise of the loss *value*; its gradient inherits the same
 #   $\tfrac12 (v^\top s)^2$ term, so each SSM step is far noisier, and with the same step
 #   sizes and number of steps that ends in a genuinely worse model: the curve is the exact
-#   Fisher divergence of the parameters, not a noisy reading of a good fit. DSM stalls at its
-#   floor: large $\sigma$ gives a high floor, small $\sigma$ a low floor but noisy gradients
-#   (the $-z/\sigma$ target).
+#   Fisher divergence of the parameters, not a noisy reading of a good fit. DSM with
+#   $\sigma = 0.5$ stalls just above its high floor. $\sigma = 0.2$ has a much lower floor, but
+#   its gradients are far noisier (the $-z/\sigma$ target), and after this run it is still far
+#   above that floor, still falling when the learning rate runs out.
 # - **per second** (right), exact ISM pays $D$ backward passes per step: SSM-VR reaches the same
 #   fit many times sooner.
 #
 # Why does no curve reach 0, although the truth is in the model? Each step sees 128 fresh
-# samples for 10,100 parameters, so the gradient is noisy even for exact ISM, and Adam keeps
-# moving the parameters by about the learning rate times that noise. What is left at the end is
+# samples for 10,100 parameters, so the gradient is noisy even for exact ISM. Adam normalises
+# each step, so every coordinate moves by about the learning rate, and where the noise dominates
+# the signal it moves in a mostly random direction. What is left at the end is
 # set by the finite number of steps and this minibatch noise, not by a bias: ISM and SSM-VR end
 # around 0.1-0.3 (out of about 54 at the start), and more steps or larger batches push them
 # lower. The learning rate decays to 0 on a cosine (3.6); once it has fallen well below its
@@ -796,7 +799,10 @@ def demo_projection_variance(run, cfg: Config, target: GaussianMixture) -> dict:
 # the same objective seen through far more noise. DSM's loss is
 # $F_\sigma + C_\sigma$, with $F_\sigma$ the Fisher divergence to the score of the *noisy*
 # density and $C_\sigma = D/(2\sigma^2) - \tfrac12\operatorname{tr}(\Sigma+\sigma^2 I)^{-1}$
-# (module 02): its loss goes to its minimum while its fit to the true score stalls.
+# (module 02): its loss goes to its minimum while its fit to the true score stalls. Each point
+# is a minibatch estimate: unbiased (once the constant is subtracted) but noisy, so it can dip
+# below 0 although the divergence it estimates cannot. DSM at $\sigma = 0.2$ shows it best: its
+# $-z/\sigma$ target makes the minibatch values swing by several units around their mean.
 
 # %%
 def fit_methods(cfg: Config, generator: torch.Generator) -> dict[str, LossFn]:
@@ -847,12 +853,12 @@ def demo_fit_quality(run, cfg: Config, target: GaussianMixture) -> dict:
     for name, h in history.items():
         ax_s.semilogy(h["steps"], h["fisher"], color=colors[name], label=fit_label(name, cfg))
         # From the first step on: the start (0 s) has no place on a log axis.
-        ax_t.semilogy(h["seconds"][1:], h["fisher"][1:], color=colors[name])
+        ax_t.semilogy(h["seconds"][1:], h["fisher"][1:], color=colors[name],
+                      label=fit_label(name, cfg))
     for sigma, floor in floors.items():
         color = colors[f"DSM, sigma = {sigma:g}"]
         for ax in (ax_s, ax_t):
-            ax.axhline(floor, color=color, ls="--", lw=1,
-                       label=f"DSM floor, $\\sigma$ = {sigma:g}" if ax is ax_s else None)
+            ax.axhline(floor, color=color, ls="--", lw=1, label=f"DSM floor, $\\sigma$ = {sigma:g}")
     ax_s.set_xlabel("training step")
     ax_s.set_ylabel("Fisher divergence to the true score (exact)")
     ax_s.set_title(f"Fit of $\\mathcal{{N}}(\\mu, \\Sigma)$ in D = {D} "
@@ -861,6 +867,7 @@ def demo_fit_quality(run, cfg: Config, target: GaussianMixture) -> dict:
     ax_t.set_xscale("log")
     ax_t.set_xlabel("training wall time (s, log scale)")
     ax_t.set_title("...and per second of training")
+    ax_t.legend(fontsize=8)
     run.save(fig, "fit_quality")
 
     # Each loss minus its smallest possible value: a noisy estimate of the Fisher divergence to
@@ -881,10 +888,11 @@ def demo_fit_quality(run, cfg: Config, target: GaussianMixture) -> dict:
         ax.plot(np.arange(window - 1, len(excess)), smooth, color=colors[name],
                 label=f"{fit_label(name, cfg)} (running mean of {window})")
     for ax, what, offset in (
-            (ax_i, "ISM, SSM, SSM-VR: loss $+ \\frac{1}{2}\\,\\mathrm{tr}\\,\\Sigma^{-1}$ "
-                   "(estimates $F$ to the true score)",
+            (ax_i, "ISM, SSM, SSM-VR: loss $+ \\frac{1}{2}\\,\\mathrm{tr}\\,\\Sigma^{-1}$"
+                   "\n(minibatch estimates of $F$ to the true score)",
              "loss $- \\min\\, J_{\\mathrm{ISM}}$"),
-            (ax_d, "DSM: loss $- C_\\sigma$ (estimates $F$ to the NOISY score)",
+            (ax_d, "DSM: loss $- C_\\sigma$\n(minibatch estimates of $F$ to the NOISY score: "
+                   "noisy, can go below 0)",
              "loss $- C_\\sigma$")):
         ax.axhline(0.0, color="gray", ls="--", lw=1)
         ax.set_ylim(-0.1 * fisher_init, 1.2 * fisher_init)  # from the start down; clip spikes
@@ -907,14 +915,18 @@ def demo_fit_quality(run, cfg: Config, target: GaussianMixture) -> dict:
 # ## 4.4 The cost of a training step as the dimension grows
 # The model is module 02's MLP $s_\theta: \mathbb{R}^D \to \mathbb{R}^D$ (two hidden layers of
 # 128 SiLU units), the batch 64 points. A training step is loss, backward and one Adam update.
-# Exact ISM takes $D$ backward passes (and a double backward through all of them). While
-# $D$ is below the hidden width, one pass costs about the same at every $D$ and the time grows
-# like $D$; beyond it, the first and last layers ($D \times 128$ matrices) dominate each pass, a
-# pass itself costs $\propto D$, and the time heads towards $D^2$. SSM and SSM-VR take one
-# vector-Jacobian product and DSM one plain backward pass, whatever $D$ is: their curves grow
-# only as fast as the network's own cost, which is nearly flat here. Timings are the best of a
-# few steps after a warm-up (3.7; a single step for the slowest cases) and depend on the machine
-# and its load; the trend, not the numbers, is the lesson.
+# While $D$ is below the hidden width, one pass through the network costs about the same at
+# every $D$; beyond it, the first and last layers ($D \times 128$ matrices) dominate and a pass
+# costs $\propto D$, for every method. SSM and SSM-VR take one vector-Jacobian product and DSM
+# one plain backward pass at every $D$, so their curves follow that single-pass cost: nearly
+# flat up to $D \approx 128$, then rising (several-fold from $D = 100$ to $1000$). Exact ISM
+# takes $D$ backward passes (and a double backward through all of them): its time grows like
+# $D$ while a pass is cheap, and faster beyond the hidden width, towards $D^2$ when the
+# per-pass cost has fully taken over (the single, noisy timings at the largest $D$ show the
+# trend only roughly). The number to read is the ratio ISM / SSM, which the summary prints at
+# several $D$: it is about the number of passes ISM makes, and it grows with $D$. Timings are
+# the best of a few steps after a warm-up (3.7; a single step for the slowest cases) and depend
+# on the machine and its load; the trend, not the numbers, is the lesson.
 
 # %%
 TIMED = ("ISM (exact trace)", "SSM", "SSM-VR", "DSM")
@@ -947,12 +959,13 @@ def demo_cost_per_step(run, cfg: Config) -> dict:
     for name in TIMED:
         marker, color = styles[name]
         ax.loglog(dims, 1e3 * np.array(times[name]), marker, color=color, label=name)
-    # Reference slopes through ISM's time at the largest D <= 100.
+    # Reference slopes through ISM's time: D at the largest D <= 100, D^2 (for D >= that one)
+    # at the largest D <= 250, a middle point, so single noisy timings at the ends matter less.
     t_ism = 1e3 * np.array(times["ISM (exact trace)"])
     k = int(np.nonzero(dims <= 100)[0][-1])
     ax.loglog(dims, t_ism[k] * dims / dims[k], ":", color="gray", label="$\\propto D$")
-    big = dims >= dims[k]
-    ax.loglog(dims[big], t_ism[k] * (dims[big] / dims[k]) ** 2, "-.", color="gray",
+    big, k2 = dims >= dims[k], int(np.nonzero(dims <= 250)[0][-1])
+    ax.loglog(dims[big], t_ism[k2] * (dims[big] / dims[k2]) ** 2, "-.", color="gray",
               label="$\\propto D^2$")
     ax.set_xlabel("dimension D")
     ax.set_ylabel("wall time per training step (ms, log scale)")
@@ -1068,7 +1081,9 @@ def exercise_sigma_for_floor(cov: Tensor, floor: float) -> float:
     bisection (on log sigma) converges; work out F_floor cheaply from the eigenvalues of Sigma,
     in whose eigenbasis Delta is diagonal. For small sigma, F_floor is about a constant times
     sigma^4: which constant? Is that a good starting bracket, or a good answer? Try the
-    fit_quality figure's floors: which sigma would put DSM's floor at 0.01 in D = 100?
+    fit_quality figure's floors: which sigma would put DSM's floor at 0.01 in D = 100? The
+    run's Sigma (default seed 0) is
+    ``gaussian_target(100, torch.Generator().manual_seed(0)).covs[0]``.
     """
     # TODO: F_floor from the eigenvalues, then solve F_floor(sigma) = floor.
     raise NotImplementedError("Exercise 5.4: implement exercise_sigma_for_floor")
@@ -1081,13 +1096,15 @@ def exercise_sigma_for_floor(cov: Tensor, floor: float) -> float:
 #   $2(\|S\|_F^2 - \sum_i S_{ii}^2)$ (Rademacher), $S$ the symmetric part of $A$.
 # - Sliced score matching replaces $\operatorname{tr}\nabla_x s_\theta$ by $v^\top (\nabla_x
 #   s_\theta) v$, computed with one vector-Jacobian product; SSM and SSM-VR are unbiased for
-#   the ISM objective, and their cost per step hardly grows with $D$, while exact ISM's grows
-#   with $D$.
+#   the ISM objective, and their cost per step is one network pass at every $D$, while exact
+#   ISM makes $D$ of them: the ratio of the two grows with $D$.
 # - SSM is Hutchinson's estimator for $\nabla s + \tfrac12 s s^\top$: the $s s^\top$ part makes
 #   its noise grow like $D^2$. SSM-VR computes $\tfrac12|s|^2$ exactly and, in $D = 100$, fits
-#   nearly as well per step as exact ISM at a fraction of its cost per step.
-# - DSM is the cheapest of all but learns the noisy score: its fit stalls at a floor set by
-#   $\sigma$ (about $\sigma^4$ for small $\sigma$), and small $\sigma$ makes it noisy.
+#   within a factor of 2 of exact ISM per step, at a fraction of its cost per step.
+# - DSM is the cheapest of all but learns the noisy score: its fit can get no closer than a
+#   floor set by $\sigma$ (about $\sigma^4$ for small $\sigma$). Large $\sigma$ stalls just above
+#   its high floor; small $\sigma$ has a low floor but noisy gradients, and in this run ends
+#   far above it.
 
 # %%
 def main(argv=None):
@@ -1115,6 +1132,9 @@ def main(argv=None):
             (f"Hutchinson, {kind}: mean of {cfg.hutchinson_draws} probes ± std. error (D = {D})",
              f"{r[f'hutch_mean_{kind}']:.3f} ± {r[f'hutch_se_{kind}']:.3f}",
              f"tr A = {r['hutch_trace']:.3f}"),
+            (f"Hutchinson, {kind}: z = (mean - tr A) / std. error",
+             f"{(r[f'hutch_mean_{kind}'] - r['hutch_trace']) / r[f'hutch_se_{kind}']:.2f}",
+             "|z| < 4 (unbiased)"),
             (f"Hutchinson, {kind}: variance of one probe",
              f"{r[f'hutch_var_{kind}']:.2f}",
              f"{r[f'hutch_var_cf_{kind}']:.2f} (closed form)"),
@@ -1143,7 +1163,9 @@ def main(argv=None):
     for name in fit_methods(cfg, run.generator):
         if name.startswith("DSM"):
             sigma = float(name.split("=")[1])
-            floor = f"floor {r['dsm_floors'][sigma]:.3f} (bias: stays)"
+            near = r[f"fisher_final/{name}"] < 1.5 * r["dsm_floors"][sigma]
+            floor = (f"floor {r['dsm_floors'][sigma]:.3f} (a bias; "
+                     + ("stalls just above it)" if near else "not reached in this run)"))
         elif name == "SSM":
             floor = "above ISM (projection noise ~ D^2)"
         else:
@@ -1159,10 +1181,10 @@ def main(argv=None):
     for i, D_t in enumerate(r["timing_dims"]):
         rows.append((f"time per step, D = {D_t}: ISM | SSM | SSM-VR | DSM",
                      " | ".join(f"{1e3 * r['times'][name][i]:.1f}" for name in TIMED) + " ms",
-                     "ISM grows with D; the rest stay nearly flat"))
-    t_last = {name: r["times"][name][-1] for name in TIMED}
-    rows.append((f"time ratio ISM / SSM at D = {r['timing_dims'][-1]}",
-                 f"{t_last['ISM (exact trace)'] / t_last['SSM']:.0f}x", "large, grows with D"))
+                     "all grow once D > hidden width; ISM makes D passes"))
+    ratios = [ism / ssm for ism, ssm in zip(r["times"]["ISM (exact trace)"], r["times"]["SSM"])]
+    rows.append((f"time ratio ISM / SSM at D = {', '.join(map(str, r['timing_dims']))}",
+                 ", ".join(f"{q:.0f}x" for q in ratios), "grows with D (ISM: D passes)"))
     run.finish(rows, globals(), "05")
     return r
 

@@ -403,3 +403,24 @@ def test_import_runs_nothing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "fresh05", fresh)  # dataclasses look their module up
     spec.loader.exec_module(fresh)
     assert not (tmp_path / "outputs").exists()
+
+
+def test_exercise_5_4_hint_rebuilds_the_runs_sigma(monkeypatch, tmp_path):
+    """Exercise 5.4's hint: gaussian_target(100, Generator().manual_seed(0)) is the default run's
+    target. Intercept the target main() builds (then stop the run) and compare."""
+    real, built = m.gaussian_target, []
+
+    class Stop(Exception):
+        pass
+
+    def record(dim, generator=None, **kw):
+        built.append(real(dim, generator, **kw))
+        raise Stop
+
+    monkeypatch.setattr(m, "gaussian_target", record)
+    with pytest.raises(Stop):
+        m.main(["--outdir", str(tmp_path)])
+    hint = real(100, torch.Generator().manual_seed(0))
+    assert built[0].dim == 100
+    assert torch.equal(built[0].covs[0], hint.covs[0])
+    assert torch.equal(built[0].means[0], hint.means[0])
