@@ -64,11 +64,11 @@ IMPLEMENTATION NOTES:
 - Every computation is float64 on the CPU: the problems are tiny, and the bias we measure
   (about eps/4) must not drown in float32 rounding. `--device` is accepted but not needed.
 - The Fokker-Planck solver is a finite-volume scheme (central fluxes, zero flux at the ends)
-  stepped with backward Euler, which is stable for any time step and keeps p >= 0 and
-  sum p h = 1 as long as the cell Peclet number |s| h stays below 2 (checked).
-- Distances to the target use the sliced Wasserstein distance of common/metrics with fixed
-  projection directions, against a fresh reference sample; the "floor" is the distance between
-  two independent target samples of the same size.
+  stepped with backward Euler: stable for any time step, it conserves the mass sum p h = 1
+  exactly, and keeps p >= 0 as long as the cell Peclet number |s| h stays below 2 (checked).
+- Distances to the target use the sliced Wasserstein distance of common/metrics (defined in
+  Section 3.4) with fixed projection directions, against a fresh reference sample; the "floor"
+  is the distance between two independent target samples of the same size.
 
 Run:
     python 03_langevin_dynamics.py            # full demonstration (~20 s CPU time, 2 cores)
@@ -291,7 +291,10 @@ def make_parser():
 # bias that they control through the step size. That is why this module measures that bias
 # so carefully.
 #
-# ## 2.5 Fokker-Planck on a grid
+# ## 2.5 Fokker-Planck on a grid (optional: how the grid is solved)
+#
+# Beginners can skip to Section 2.6: all later sections need is that the grid gives the exact
+# density p_t of the diffusion, up to small errors that Section 4.4 measures.
 #
 # In 1D write the equation as a conservation law: d p / dt = -dJ/dx with probability flux
 # J = (1/2) s p - (1/2) dp/dx. Split [x_lo, x_hi] into cells of width h with cell densities
@@ -314,16 +317,19 @@ def make_parser():
 # ## 2.6 Why well-separated modes break Langevin
 #
 # For a mixture p = sum_k w_k p_k the score is s(x) = sum_k r_k(x) s_k(x) with
-# r_k = w_k p_k / p. Deep inside mode k the responsibility r_k is 1 to within
-# exp(-|mu_j - mu_k|^2 / 2) (about e^-100 for the modes at (-5,-5) and (5,5)), so the score
-# there is the same whether the weights are 0.8/0.2 or 0.2/0.8. A chain that starts in the
-# basin of a mode relaxes inside it and almost never crosses the low-density gap. Call the
-# *barrier* the drop in log p from a mode to the saddle point between the modes (here about
-# |mu_1 - mu_2|^2 / 8 = 25 nats, since the saddle is 5 sqrt(2) from each mode). The mean time to
-# cross grows like exp(barrier) (Kramers' law): about e^25 ~ 1e11 time units, or ~1e12 ULA
-# steps at eps = 0.1, against the 500 we run. The fraction of chains in each mode therefore
-# stays the fraction that *started* in its basin, not w_k. Annealing the noise level
-# (module 07) fixes this: at large noise the modes overlap and the score does see the weights.
+# r_k = w_k p_k / p. For unit covariances (as here), deep inside mode k the responsibility r_k
+# is 1 to within exp(-|mu_j - mu_k|^2 / 2) (about e^-100 for the modes at (-5,-5) and (5,5)),
+# so the score there is the same whether the weights are 0.8/0.2 or 0.2/0.8. A chain that
+# starts in the basin of a mode relaxes inside it and almost never crosses the low-density gap.
+# Call the *barrier* the drop in log p from a mode to the saddle point between the modes (for
+# unit covariances about |mu_1 - mu_2|^2 / 8 = 25 nats from the heavy mode, since the saddle is
+# 5 sqrt(2) from each mode). The mean time to cross grows like exp(barrier) (Kramers' law):
+# about e^25 ~ 1e11 time units, or ~1e12 ULA steps at eps = 0.1, against the 500 we run. The
+# crossing that would fix the weights, light -> heavy, starts ln(0.8/0.2) = 1.4 nats lower and
+# faces ~23.6 nats: e^23.6 ~ 2e10 time units, and the conclusion is the same. The fraction of
+# chains in each mode therefore stays the fraction that *started* in its basin, not w_k.
+# Annealing the noise level (module 07) fixes this: at large noise the modes overlap and the
+# score does see the weights.
 
 # %% [markdown]
 # # Section 3: Implementation
@@ -514,11 +520,13 @@ def mala_sample(log_prob_fn: LogProbFn, score_fn: ScoreFn, x0: Tensor, step_size
 
 
 # %% [markdown]
-# ## 3.3 The 1D Fokker-Planck equation on a grid
+# ## 3.3 The 1D Fokker-Planck equation on a grid (optional: how the grid is solved)
 #
-# The operator L of Section 2.5 is tridiagonal; we store it in the banded layout of
-# `scipy.linalg.solve_banded` (row 0: super-diagonal, row 1: diagonal, row 2: sub-diagonal).
-# The solver is a generator like the samplers, yielding the grid density after every step.
+# Beginners can skip this section: `fokker_planck_1d` yields the density p_t on the grid, and
+# that is all Section 4.4 uses. The operator L of Section 2.5 is tridiagonal; we store it in
+# the banded layout of `scipy.linalg.solve_banded` (row 0: super-diagonal, row 1: diagonal,
+# row 2: sub-diagonal). The solver is a generator like the samplers, yielding the grid density
+# after every step.
 
 # %%
 @dataclass
@@ -631,6 +639,13 @@ def fokker_planck_ou_error(grid_cells: int, dt: float = 1e-3, t: float = 1.0) ->
 # In 1D we can compare a histogram with the exact bin probabilities (a chi-square test); in 2D
 # we use the sliced Wasserstein distance from common/metrics and read mode weights from the
 # responsibilities.
+#
+# *Sliced Wasserstein distance* (SW): project both samples onto a random unit direction, sort
+# each set of 1D projections, and average the squared gaps between the i-th smallest of one and
+# the i-th smallest of the other (the 1D optimal matching); average this over many directions
+# and take the square root. It is in units of x (how far mass must move, roughly) and is 0 only
+# for identical samples. Two independent samples of the same law are not at 0: with 2000
+# samples each, this 2D target gives about 0.05 (the "floor" the module measures in 4.3).
 
 # %%
 def mixture_cdf_1d(target: GaussianMixture, x: np.ndarray) -> np.ndarray:
@@ -669,9 +684,9 @@ def mode_spread(samples: Tensor, target: GaussianMixture) -> tuple[float, float]
 
     spread = mean_i |x_i - mu_{k(x_i)}|^2 / D with k(x) = argmax_k r_k(x), and its standard
     error (sd of the per-sample terms / sqrt(N)). For well-separated Gaussian components it is
-    the average component variance; ULA at step eps adds about eps/4 per coordinate (Section
-    2.3), a shift that the sliced Wasserstein distance, dominated by where the modes are, barely
-    resolves. samples (N, D) -> (spread, standard error).
+    the average component variance; ULA at step eps widens it (roughly eps/4 per coordinate to
+    first order, Section 2.3), a shift that the sliced Wasserstein distance, dominated by where
+    the modes are, barely resolves. samples (N, D) -> (spread, standard error).
     """
     k = target.responsibilities(samples).argmax(dim=1)
     terms = (samples - target.means[k].to(samples)).square().mean(dim=1)  # (N,)
@@ -810,10 +825,15 @@ def demo_stationary_variance(run, cfg: Config) -> dict:
 # %% [markdown]
 # ## 4.2 Langevin on a 2D mixture: trajectories and samples
 #
-# Left: a few ULA chains with a small step, started far out, slide down the score field into
-# the modes and hop between them. Middle and right: `chains_2d` chains started from a broad
+# Left: a few ULA chains with a small step, started far out, follow the score arrows (which
+# point uphill in log p) into the modes; in 150 steps they mostly settle in one mode, and
+# only occasionally wander to a neighbour. Middle and right: `chains_2d` chains started from a broad
 # Gaussian N(0, 2^2 I) after `max_steps_2d` steps with the large step size, ULA against MALA.
-# ULA's stationary law is p_eps, not p: each mode is wider by about eps/4 per coordinate. The
+# ULA's stationary law is p_eps, not p: each mode is wider. The first-order rule of Section 2.3
+# suggests about +eps/4 = +0.10 per coordinate at eps = 0.4, but only as a rough guide: the
+# component variances here are 0.3-0.55, so eps/(4v) is not small, and the exact formula
+# v / (1 - eps/(4v)) - v, applied to each component on its own, gives +0.12 to +0.15; the
+# components overlap, so the mixture has no closed form, and we simply measure. The
 # sliced Wasserstein distance is dominated by where the modes sit and resolves this only
 # weakly with a few thousand samples, so the titles report a statistic aimed at the bias: the
 # *spread*, the mean squared distance per coordinate to the nearest component mean
@@ -891,10 +911,11 @@ def demo_samples_2d(run, cfg: Config, target: GaussianMixture) -> dict:
 #
 # Left: after a fixed number of steps from the broad start, small steps have not arrived yet
 # (the chain has covered a time of only n eps), large steps arrive quickly but ULA settles on
-# its biased p_eps: the best ULA step size is a compromise. MALA is unbiased, so its large
-# steps stay at the floor over the whole sweep (up to eps = 0.9, where it still accepts about
-# 60% of its proposals). The grey band is the spread of the distance between independent target
-# samples and the shared reference: differences inside it are sampling noise.
+# its biased p_eps: the best ULA step size is a compromise. MALA is unbiased, so once it has
+# arrived (eps >= 0.1) it stays at or near the noise band over the rest of the sweep (up to
+# eps = 0.9, where it still accepts about 60% of its proposals). The grey band is the spread
+# of the distance between independent target samples and the shared reference: differences
+# inside it are sampling noise.
 # Middle (the curves recorded in 4.2):
 # ULA with a small step converges slowly to almost the floor; with a large step it converges
 # quickly to a plateau above it; MALA with the large step converges quickly to the floor.
@@ -966,7 +987,11 @@ def _draw_floor(ax, floor: float, sd: float) -> None:
 #
 # Start everything from p_0 = N(-3, 0.3^2), to the left of a two-mode 1D target. The grid
 # density (backward Euler with 10 sub-steps of eps/10 per particle step) and the histogram of
-# `particles` ULA chains with step size eps are drawn at the same times t = k eps. Mass first
+# `particles` ULA chains with step size eps are drawn at the same times t = k eps. The
+# sub-steps remove only the grid's time error: the particles keep their own O(eps) error (their
+# law is not exactly p_t), and the "noise floor" (exact samples of p against p) is a guide
+# to the sampling noise, not the exact noise of a histogram of p_t. So particles and grid agree
+# up to a few hundredths in L1, not to the floor exactly (at t = 4 the gap is largest). Mass first
 # slides into the nearer, lighter left mode within t ~ 1, then leaks over the valley into the
 # heavier right mode on a slower time scale. Why a single exponential at late times: expand the
 # start in the eigenvectors phi_j of the linear operator L (eigenvalues 0 = lambda_1 > lambda_2
@@ -1036,7 +1061,7 @@ def demo_fokker_planck(run, cfg: Config) -> dict:
     ax = axes.flat[-1]
     times = (dt / sub) * np.arange(1, n_steps * sub + 1)
     ax.semilogy(times, l1_curve, color="tab:blue", lw=2, label="grid: $\\|p_t - p\\|_1$")
-    middle = len(times) // 2
+    middle = len(times) // 2 - 1  # times[middle] = t_final / 2 exactly (8 by default)
     ax.semilogy(times, l1_curve[middle] * np.exp(-gap * (times - times[middle])), "k:",
                 label=f"$\\propto e^{{-\\lambda t}}$, spectral gap $\\lambda$ = {gap:.3f}")
     ax.semilogy([k * dt for k in snap_steps],
@@ -1188,8 +1213,10 @@ def exercise_preconditioned_langevin_step(x: Tensor, score: Tensor, step_size: f
 
     Signature: x (N, D), score (N, D) = s(x), step_size float, chol L (D, D) lower triangular,
     noise z (N, D) -> (N, D).
-    Worked example: x = [[1, 0]], score = [[-1, 0]], eps = 0.5, L = [[2, 0], [0, 1]]
-    (M = diag(4, 1)), z = [[0, 1]] gives [[1 - 0.25*4, sqrt(0.5)]] = [[0, 0.7071]].
+    Worked example: x = [[1, 0]], score = [[-1, 0]], eps = 0.5, L = [[2, 0], [1, 1]]
+    (M = L L^T = [[4, 2], [2, 2]], so M s = (-4, -2)), z = [[0, 1]] (L z = (0, 1)) gives
+    [[1 - 0.25*4, -0.25*2 + sqrt(0.5)]] = [[0, 0.2071]]. (noise @ L, i.e. z^T L = (1, 1),
+    would give [[0.7071, 0.2071]]: a non-diagonal L tells L from L^T.)
     Hint: write the update for one state (a column vector) first, then transpose it to get
     the row of the output: (A v)^T = v^T A^T. Check that the noise term really has covariance
     eps M, not eps L or eps L^T L.
@@ -1229,7 +1256,8 @@ def exercise_step_size_for_tolerance(cov: Tensor, tolerance: float) -> float:
 #   accepts with min(1, p(x') q(x|x') / (p(x) q(x'|x))); detailed balance makes p exactly
 #   invariant at every step size, at the cost of needing log p and of rejections at large eps.
 # - The Fokker-Planck equation d p/dt = -d/dx((1/2) s p) + (1/2) d^2p/dx^2 is the law of
-#   the Langevin particles; solved on a grid it tracks their histograms and converges to p.
+#   the Langevin particles; solved on a grid it matches their histograms up to sampling noise
+#   and the particles' own O(eps) step error, and converges to p.
 # - Distance to the target trades speed against bias: small steps are slow, large ULA steps
 #   are biased, MALA keeps large steps honest until its acceptance rate falls.
 # - Detailed balance, not merely an accept/reject step, is what makes p invariant: the same
@@ -1272,7 +1300,8 @@ def summary_rows(cfg: Config, bias: dict, samples: dict, sweeps: dict, fp: dict,
     (su, su_se), (sm, sm_se) = samples["spread_ula"], samples["spread_mala"]
     rows.append((f"2D: spread around nearest mode, ULA / MALA eps={large:g}",
                  f"{su:.3f} +- {su_se:.3f} / {sm:.3f} +- {sm_se:.3f}",
-                 f"exact {samples['spread_exact']:.3f}; ULA ~ +eps/4 = +{large / 4:.2f}"))
+                 f"exact {samples['spread_exact']:.3f}; ULA wider: rough guide "
+                 f"+eps/4 = +{large / 4:.2f}"))
     rows.append((f"2D: MALA acceptance, eps={large:g}", f"{samples['acceptance']:.3f}",
                  "high, below 1"))
     sizes = ",".join(f"{e:g}" for e in cfg.sweep_step_sizes)
@@ -1285,20 +1314,22 @@ def summary_rows(cfg: Config, bias: dict, samples: dict, sweeps: dict, fp: dict,
     rows.append(("Fokker-Planck grid vs OU closed form at t=1 (L1)", f"{fp['ou_error']:.4f}",
                  "O(h^2 + dt): about 1e-3"))
     rows.append((f"Fokker-Planck grid, L1 to p at t={fp['times'][-1]:g}", f"{fp['l1_final']:.4f}",
-                 f"{fp['l1_predicted']:.4f} = L1(t={fp['t_middle']:g}) "
-                 f"exp(-{fp['gap']:.3f} dt)"))
+                 f"{fp['l1_predicted']:.4f} = L1(t={fp['t_middle']:.3g}) "
+                 f"exp(-{fp['gap']:.3f} * ({fp['times'][-1]:g} - {fp['t_middle']:.3g}))"))
     times = ",".join(f"{t:g}" for t in fp["times"])
     rows.append((f"particles vs grid, L1 at t={times}",
                  ", ".join(f"{fp['l1_particles'][round(t / fp['dt'])]:.3f}"
                            for t in fp["times"]),
-                 f"histogram noise floor {fp['noise_floor']:.3f}"))
+                 f"noise floor {fp['noise_floor']:.3f} (exact samples of p) + ULA's O(eps) "
+                 "error"))
     w_ula, w_mala, basin = modes["weights_ula"], modes["weights_mala"], modes["basin"]
     rows.append(("mode weights recovered by ULA", f"{w_ula[0]:.3f} / {w_ula[1]:.3f}",
                  f"true 0.8 / 0.2; started in basin {basin[0]:.3f} / {basin[1]:.3f}"))
     rows.append(("mode weights recovered by MALA", f"{w_mala[0]:.3f} / {w_mala[1]:.3f}",
                  "true 0.8 / 0.2"))
     rows.append(("barrier: log p(heavy mode) - min log p on the segment between modes",
-                 f"{modes['barrier']:.2f} nats", "~25 nats: crossing time ~e^25 ~ 1e11"))
+                 f"{modes['barrier']:.2f} nats",
+                 "~25 nats (light mode: ~23.6): crossing time ~e^25 ~ 1e11"))
     rows.append(("samples where the scores of 0.8/0.2 and 0.2/0.8 differ < 1e-6",
                  f"{100 * modes['same_score']:.1f}%", "~100%: the score ignores the weights"))
     return rows

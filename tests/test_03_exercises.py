@@ -92,9 +92,11 @@ def entrywise_formula(cov, step_size):
 def check_preconditioned_langevin_step(fn):
     x = torch.tensor([[1.0, 0.0]], dtype=F64)
     example = fn(x, torch.tensor([[-1.0, 0.0]], dtype=F64), 0.5,
-                 torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=F64),
+                 torch.tensor([[2.0, 0.0], [1.0, 1.0]], dtype=F64),
                  torch.tensor([[0.0, 1.0]], dtype=F64))
-    assert_close(example, torch.tensor([[0.0, math.sqrt(0.5)]], dtype=F64),
+    # M = [[4, 2], [2, 2]]: drift 0.25 M s = (-1, -0.5), noise sqrt(0.5) L z = (0, sqrt(0.5));
+    # the wrong noise @ L (z^T L = (1, 1)) would give [[sqrt(0.5), sqrt(0.5) - 0.5]]
+    assert_close(example, torch.tensor([[0.0, math.sqrt(0.5) - 0.5]], dtype=F64),
                  what="the worked example of the docstring", hint="x + (eps/2) M s + sqrt(eps) L z")
     gen = torch.Generator().manual_seed(5)
     n, dim, eps = 16, 3, 0.3

@@ -178,13 +178,23 @@ def test_mala_without_q_ratio_samples_the_wrong_variance(m03):
 
 
 def test_mode_spread_sees_ula_bias(m03):
-    """Spread around the nearest mode: exact samples vs ULA at eps = 0.4 (+ about eps/4)."""
+    """Spread around the nearest mode: exact samples vs ULA at eps = 0.4 (wider by
+    roughly eps/4 = 0.10; per-component exact formula 0.12-0.15, no closed form for overlap)."""
     target, gen = m03.mixture_2d(), torch.Generator().manual_seed(13)
     exact, se = m03.mode_spread(target.sample(20_000, gen, dtype=F64), target)
     x0 = target.sample(4000, gen, dtype=F64)
     *_, x = m03.langevin(target.score, x0, 0.4, 100, gen)
     ula, se_ula = m03.mode_spread(x, target)
     assert 0.06 < ula - exact < 0.14 and se_ula < 0.015
+
+
+def test_per_component_exact_bias_of_mixture_2d(m03):
+    """Section 4.2: eps = 0.4 applied to each component variance (eigenvalue) of mixture_2d
+    on its own gives v / (1 - eps/(4v)) - v between 0.12 and 0.15, above the rough eps/4."""
+    covs = m03.mixture_2d().covs
+    gains = [m03.ula_stationary_variance(v, 0.4) - v
+             for v in torch.linalg.eigvalsh(covs).flatten().tolist()]
+    assert 0.12 < min(gains) and max(gains) < 0.151 and min(gains) > 0.4 / 4
 
 
 def test_chi_square_test_on_exact_samples(m03, gen):
@@ -285,6 +295,17 @@ def test_langevin_keeps_the_starting_basin_fractions(m03):
     flipped = GaussianMixture.separated_modes(weights=(0.2, 0.8))
     diff = (target.score(x) - flipped.score(x)).norm(dim=1)
     assert (diff < 1e-6).double().mean() > 0.99
+
+
+def test_separated_modes_barriers(m03):
+    """Section 2.6: the drop in log p from each mode to the lowest point between them is
+    |mu_1 - mu_2|^2 / 8 = 25 nats from the heavy mode and ln 4 less (~23.6) from the light one."""
+    target = GaussianMixture.separated_modes()
+    u = torch.linspace(0, 1, 4001, dtype=F64)[:, None]
+    low = target.log_prob(target.means[0] + u * (target.means[1] - target.means[0])).min()
+    heavy, light = (target.log_prob(target.means) - low).tolist()
+    assert abs(heavy - 25.0) < 0.02 and abs(light - 23.6) < 0.03
+    assert abs(heavy - light - math.log(4)) < 0.01
 
 
 # -- the script ---------------------------------------------------------------------------------
