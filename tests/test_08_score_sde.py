@@ -316,3 +316,50 @@ def test_prior_mismatch_explains_the_likelihood_error(gaussian_case):
     score = m.exact_score_fn(gauss, sde)
     logp, _ = m.ode_log_likelihood(sde, score, x, log_p_T=m.exact_log_prob_t(gauss, sde, sde.T))
     assert (logp - gauss.log_prob(x)).abs().max() < 1e-3
+
+
+def test_batched_likelihood_tolerance_is_for_the_batch_not_each_point():
+    """solve_ivp's error norm covers the whole state: a hard point (centre of the ring, where
+    log p ~ -80) in a batch of easy ones misses the tolerance; alone, or with a tighter
+    tolerance, it does not. The remaining ~4e-3 at the centre is log p_eps - log p_0."""
+    data, sde = m.make_data(), SDES["vp"]
+    score = m.exact_score_fn(data, sde)
+    centre = torch.tensor([[-1 / 13, -1 / 13]], dtype=F64)
+    batch = torch.tensor([[-1 / 13, -1 / 13], [1 / 13, 1 / 13], [2.0, 0.0], [0.0, 2.0],
+                          [1.0, 1.0], [-2.0, 0.5], [0.3, -0.3], [2.5, 2.5]], dtype=F64)
+    truth = data.log_prob(batch)
+    err_batch = (m.ode_log_likelihood(sde, score, batch)[0] - truth).abs().max()
+    err_alone = max((m.ode_log_likelihood(sde, score, x[None])[0] - t).abs().item()
+                    for x, t in zip(batch, truth))
+    tight = m.ode_log_likelihood(sde, score, batch, rtol=1e-7, atol=1e-7)[0]
+    err_tight = (tight - truth).abs().max()
+    assert max(err_alone, err_tight) < 4.5e-3  # ~ the eps gap below
+    assert err_batch > 2 * max(err_alone, err_tight)
+    gap = m.exact_log_prob_t(data, sde, 1e-5)(centre) - data.log_prob(centre)
+    assert 2e-3 < gap.item() < 5e-3
+
+
+def test_reverse_em_step_is_an_ode_step_plus_a_langevin_step(gen):
+    """f - g^2 s = (f - 1/2 g^2 s) - 1/2 g^2 s: EM = Euler ODE step + module 03's Langevin step
+    x + eps/2 s + sqrt(eps) z with eps = g^2 dt (same z)."""
+    data, sde = m.make_data(), SDES["vp"]
+    score = m.exact_score_fn(data, sde)
+    x, t, dt = torch.randn(5, 2, generator=gen, dtype=F64), 0.4, 0.01
+    x_em, _ = m.euler_maruyama_step(sde, score, x, t, dt, torch.Generator().manual_seed(3))
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    tt = torch.full((5,), t, dtype=F64)
+    ode = x - sde.reverse_drift(x, tt, score(x, tt), probability_flow=True) * dt
+    eps = sde.diffusion(tt)[0].item() ** 2 * dt
+    langevin = ode + eps / 2 * score(x, tt) + math.sqrt(eps) * z
+    assert torch.allclose(x_em, langevin, atol=1e-12)
+
+
+def test_ve_three_step_em_overshoots_the_variance_drop():
+    """First of 3 VE steps: sigma 10 -> ~1, true variance drop 99, EM removes g(T)^2 dt ~ 460."""
+    sde = SDES["ve"]
+    t = m.time_grid(sde, 3, 1e-3)
+    s0, s1 = sde.std(t[:1]).item(), sde.std(t[1:2]).item()
+    assert s1 == pytest.approx(1.0, abs=0.01)
+    g2dt = sde.diffusion(t[:1]).item() ** 2 * (t[0] - t[1]).item()
+    assert g2dt == pytest.approx(460, rel=0.01)
+    assert g2dt / (s0 ** 2 - s1 ** 2) == pytest.approx(4.6, rel=0.02)
