@@ -25,6 +25,13 @@ def _random_score(gen, D=2):
     return lambda x: -x @ A.T + 0.5 * torch.sin(x @ B.T)
 
 
+def _noisy_pairs(mix, sigma, n, gen):
+    """n training pairs of DSM: clean x0 ~ p, noise z ~ N(0, I), and x~ = x0 + sigma z."""
+    x0 = mix.sample(n, gen, dtype=F64)
+    z = torch.randn(n, 2, generator=gen, dtype=F64)
+    return x0, z, x0 + sigma * z
+
+
 # -- the DSM loss -----------------------------------------------------------------------------
 def test_dsm_target_is_the_kernel_score(gen):
     """grad_{x~} log N(x~; x0, sigma^2 I) = -(x~ - x0)/sigma^2 = -z/sigma (autograd)."""
@@ -72,9 +79,7 @@ def test_dsm_loss_decomposes_into_score_error_plus_floor(gen):
     mix, sigma, n = m.mixture_2d(), 0.4, 200_000
     perturbed = mix.perturbed(sigma)
     model = _random_score(gen)
-    x0 = mix.sample(n, gen, dtype=F64)
-    z = torch.randn(n, 2, generator=gen, dtype=F64)
-    x_noisy = x0 + sigma * z
+    x0, z, x_noisy = _noisy_pairs(mix, sigma, n, gen)
     loss_model = m.dsm_loss(model, x0, sigma, noise=z, reduction="none")
     loss_exact = m.dsm_loss(perturbed.score, x0, sigma, noise=z, reduction="none")
     excess = sigma**2 / 2 * (model(x_noisy) - perturbed.score(x_noisy)).square().sum(1)
@@ -98,9 +103,7 @@ def test_dsm_derivation_steps(gen):
     mix, sigma, n = m.mixture_2d(), 0.3, 200_000
     perturbed = mix.perturbed(sigma)
     model = _random_score(gen)
-    x0 = mix.sample(n, gen, dtype=F64)
-    z = torch.randn(n, 2, generator=gen, dtype=F64)
-    x_noisy = x0 + sigma * z
+    x0, z, x_noisy = _noisy_pairs(mix, sigma, n, gen)
     s_model, s_exact = model(x_noisy), perturbed.score(x_noisy)
     # step 1: E[-z/sigma | x~] = -(x~ - E[x0 | x~]) / sigma^2 = s_sigma(x~), pointwise
     torch.testing.assert_close(-(x_noisy - mix.posterior_mean(x_noisy, sigma)) / sigma**2,
@@ -136,9 +139,7 @@ def test_floor_is_the_unpredictable_part_of_the_noise(gen):
     mix, n = m.mixture_2d(), 200_000
     for sigma in (0.2, 1.0):
         perturbed = mix.perturbed(sigma)
-        x0 = mix.sample(n, gen, dtype=F64)
-        z = torch.randn(n, 2, generator=gen, dtype=F64)
-        x_noisy = x0 + sigma * z
+        x0, z, x_noisy = _noisy_pairs(mix, sigma, n, gen)
         z_hat = (x_noisy - mix.posterior_mean(x_noisy, sigma)) / sigma  # E[z | x~]
         torch.testing.assert_close(sigma * perturbed.score(x_noisy), -z_hat,
                                    rtol=1e-9, atol=1e-9)
