@@ -1175,7 +1175,7 @@ def demo_trained(run, cfg: Config, data: GaussianMixture, sdes: dict, exact: dic
     ax.set_title("Continuous-time DSM, lambda(t) = sigma_t^2 (dashed: the exact score's loss,\n"
                  "each SDE's own irreducible constant)", fontsize=9)
     ax.set_yscale("log")
-    ax.legend()
+    ax.legend(loc="upper right", ncol=3, fontsize=8)  # above the curves, clear of the floors
     run.save(fig, "training_losses")
     plot_sampler_grid(run, "samplers_learned_score",
                       f"Learned score ({cfg.train_steps} steps per SDE): samples over the data "
