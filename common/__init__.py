@@ -2,12 +2,14 @@
 
 Each submodule holds one concern; a helper lives here only once two or more modules use it:
 
-- ``seeding``   : seed Python, numpy and torch in one call; opt-in deterministic mode
+- ``seeding``   : seed Python, numpy and torch in one call; opt-in deterministic mode; seeded
+                  generators on a device (make_generator) and a check that one matches a tensor
 - ``device``    : pick cuda, then mps, then cpu
 - ``cli``       : the flags every module accepts (--quick, --device, --seed, --outdir, ...)
 - ``plotting``  : headless figures saved to outputs/<module>/, shared plot helpers
 - ``datasets``  : 2D toy data (with exact scores for Gaussian mixtures) and image loaders
-- ``metrics``   : sample-quality distances (MMD, sliced Wasserstein)
+- ``metrics``   : sample-quality distances (MMD, sliced Wasserstein) and the data-vs-data floor
+- ``training``  : expand_to (broadcast a per-sample sigma or t over x) and the EMA of weights
 - ``modules``   : load ``01_score_functions_basics.py`` and friends by number
 - ``exercises`` : the machinery that lists and checks the exercises at the end of each module
 """

@@ -1,4 +1,4 @@
-"""One call to make a run reproducible."""
+"""One call to make a run reproducible, and generators on the device where noise is drawn."""
 
 from __future__ import annotations
 
@@ -31,3 +31,36 @@ def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     return torch.Generator().manual_seed(seed)
+
+
+def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` (e.g. "cpu", "cuda", torch.device("cuda:1")), seeded.
+
+    Random numbers must be drawn by a generator on the device where they are used
+    (``torch.randn(shape, generator=g, device=x.device)``): drawing on the CPU and then moving
+    them costs a host-to-device copy per draw. A CPU generator gives the same numbers as
+    ``torch.Generator().manual_seed(seed)``; a CUDA generator gives different (but equally
+    reproducible) numbers for the same seed.
+    """
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return torch.Generator(device=torch.device(device)).manual_seed(seed)
+
+
+def check_generator(generator: torch.Generator | None, device: str | torch.device) -> None:
+    """Raise a ValueError unless ``generator`` is None or lives on ``device``.
+
+    torch's own error for a mismatch ("Expected a 'cuda' device type for generator ...") comes
+    from deep inside a sampling call; this one says which generator to make instead.
+    """
+    if generator is None:
+        return
+    want, have = torch.device(device), generator.device
+    # "cuda" without an index means the current CUDA device: compare indices only when both
+    # name one.
+    same = want.type == have.type and (want.index is None or have.index is None
+                                       or want.index == have.index)
+    if not same:
+        raise ValueError(f"the generator is on {have} but the tensor is on {want}: draw with a "
+                         f"generator on the tensor's device, e.g. "
+                         f"common.seeding.make_generator(seed, {str(want)!r})")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import cli, datasets, device, exercises, metrics, modules, plotting, seeding
+from common import cli, datasets, device, exercises, metrics, modules, plotting, seeding, training
 from common.datasets import GaussianMixture
 
 pytestmark = pytest.mark.common
@@ -35,6 +35,38 @@ def test_deterministic_mode_switches_torch_flag():
         assert torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+class _FakeGenerator:
+    """Only the .device attribute, to test device checks without a GPU."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+
+def test_make_generator_on_the_cpu_matches_a_plain_generator():
+    g = seeding.make_generator(5, "cpu")
+    assert isinstance(g, torch.Generator) and g.device.type == "cpu"
+    torch.testing.assert_close(torch.randn(4, generator=g),
+                               torch.randn(4, generator=torch.Generator().manual_seed(5)))
+    assert seeding.make_generator(5).device.type == "cpu"
+    with pytest.raises(ValueError, match="non-negative"):
+        seeding.make_generator(-2, "cpu")
+    if torch.cuda.is_available():
+        assert seeding.make_generator(5, "cuda").device.type == "cuda"
+
+
+def test_check_generator_names_the_mismatch():
+    seeding.check_generator(None, "cpu")
+    seeding.check_generator(torch.Generator(), torch.device("cpu"))
+    seeding.check_generator(_FakeGenerator("cuda:0"), "cuda")  # "cuda" = the current device
+    seeding.check_generator(_FakeGenerator("cuda"), "cuda:1")
+    with pytest.raises(ValueError, match="generator is on cuda:0 but the tensor is on cpu"):
+        seeding.check_generator(_FakeGenerator("cuda:0"), "cpu")
+    with pytest.raises(ValueError, match="make_generator\\(seed, 'cuda:0'\\)"):
+        seeding.check_generator(torch.Generator(), "cuda:0")
+    with pytest.raises(ValueError, match="cuda:1"):
+        seeding.check_generator(_FakeGenerator("cuda:1"), "cuda:0")
 
 
 # -- device -------------------------------------------------------------------------------------
@@ -364,6 +396,140 @@ def test_sliced_wasserstein_unequal_sizes(gen):
     x = torch.randn(4000, 1, generator=gen, dtype=torch.float64)
     y = 2 * torch.randn(3000, 1, generator=gen, dtype=torch.float64)
     assert metrics.sliced_wasserstein(x, y, 4, gen) == pytest.approx(1.0, abs=0.08)
+
+
+def test_distance_floor_equals_the_hand_written_loop():
+    """Same draw order (a then b, pair after pair) and the same numbers as the explicit loop."""
+    def run(floor_fn):
+        g = torch.Generator().manual_seed(4)
+        draw = lambda: torch.randn(200, 2, generator=g, dtype=torch.float64)
+        distance = lambda a, b: metrics.sliced_wasserstein(a, b, 64, g)
+        return floor_fn(draw, distance)
+
+    by_hand = run(lambda draw, dist: np.array([dist(draw(), draw()) for _ in range(6)]))
+    mean, sd = run(lambda draw, dist: metrics.distance_floor(draw, dist, 6))
+    assert mean == by_hand.mean() and sd == by_hand.std(ddof=1)  # ddof=1: the sample std
+    assert sd != pytest.approx(by_hand.std(ddof=0), rel=1e-6)
+
+
+def test_distance_floor_draws_in_pairs_and_validates():
+    counter = iter(range(100))
+    pairs = []
+
+    def draw():
+        return torch.tensor(float(next(counter)))
+
+    def distance(a, b):
+        pairs.append((int(a), int(b)))
+        return float(b - a)
+
+    assert metrics.distance_floor(draw, distance, 3) == (1.0, 0.0)
+    assert pairs == [(0, 1), (2, 3), (4, 5)]
+    with pytest.raises(ValueError, match="n_pairs"):
+        metrics.distance_floor(draw, distance, 1)
+
+
+def test_distance_floor_of_gaussian_scalars(gen):
+    """|a - b| for a, b ~ N(0, 1): mean 2 / sqrt(pi), std sqrt(2 - 4 / pi)."""
+    n = 4000
+    mean, sd = metrics.distance_floor(lambda: torch.randn((), generator=gen, dtype=torch.float64),
+                                      lambda a, b: abs(a - b).item(), n)
+    true_sd = math.sqrt(2 - 4 / math.pi)
+    assert abs(mean - 2 / math.sqrt(math.pi)) < 5 * true_sd / math.sqrt(n)
+    assert sd == pytest.approx(true_sd, rel=0.05)
+
+
+# -- training helpers ---------------------------------------------------------------------------
+def test_expand_to_broadcasts_a_per_sample_value_over_any_shape():
+    v = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    for shape in ((3, 2), (3, 1, 4, 4), (3,)):
+        x = torch.ones(shape, dtype=torch.float64)
+        out = training.expand_to(v, x)
+        assert out.shape == (3,) + (1,) * (len(shape) - 1)
+        torch.testing.assert_close((out * x).flatten(1).sum(1) if x.ndim > 1 else out * x,
+                                   v * (x[0].numel()))
+    scalar = training.expand_to(torch.tensor(2.0), torch.ones(3, 2, 2))
+    assert scalar.shape == (1, 1, 1)
+    num = training.expand_to(0.5, torch.ones(3, 2, dtype=torch.float64))
+    assert num.dtype == torch.float64 and num.shape == (1, 1)  # a number takes x's dtype
+    kept = training.expand_to(v, torch.ones(3, 2, dtype=torch.float32))
+    assert kept.dtype == torch.float64  # a tensor is reshaped, not cast
+    with pytest.raises(ValueError, match="one value per sample"):
+        training.expand_to(torch.ones(3, 2), torch.ones(3, 2))
+
+
+def _scalar_model(value: float) -> torch.nn.Module:
+    model = torch.nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(value)
+    return model
+
+
+def test_ema_update_matches_its_formula_with_and_without_warmup():
+    """theta_bar <- d_k theta_bar + (1 - d_k) theta, d_k = d or min(d, (1 + k) / (10 + k))."""
+    thetas = [float(k % 7) - 2.5 for k in range(1, 150)]
+    for warmup in (False, True):
+        model = _scalar_model(1.0)
+        ema = training.EMA(model, decay=0.9, warmup=warmup)
+        expected = 1.0
+        for k, theta in enumerate(thetas):
+            d = min(0.9, (1 + k) / (10 + k)) if warmup else 0.9
+            assert ema.current_decay() == d
+            with torch.no_grad():
+                model.weight.fill_(theta)
+            ema.update(model)
+            expected = d * expected + (1 - d) * theta
+            assert ema.shadow["weight"].item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+        assert ema.num_updates == len(thetas)
+    # the warm-up's decays quoted in common/training.py; capped at d once (1+k)/(10+k) > d
+    slow = training.EMA(_scalar_model(0.0), decay=0.999, warmup=True)
+    decays = {}
+    for k in range(101):
+        decays[k] = slow.current_decay()
+        slow.update(_scalar_model(0.0))
+    assert (decays[0], decays[10]) == (0.1, 0.55) and decays[100] == pytest.approx(0.918, abs=1e-3)
+    # the check can fail: with warm-up, one update from theta_0 = 1 to theta = 0 leaves 0.1
+    warm = training.EMA(_scalar_model(1.0), decay=0.9, warmup=True)
+    warm.update(_scalar_model(0.0))
+    assert warm.shadow["weight"].item() == pytest.approx(0.1)  # without warm-up: 0.9
+
+
+def test_ema_rejects_decays_outside_the_unit_interval():
+    model = _scalar_model(1.0)
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="decay must lie in \\[0, 1\\)"):
+            training.EMA(model, decay=bad)
+    training.EMA(model, decay=0.0)  # 0 is allowed: the average is the latest weights
+
+
+def test_ema_state_dict_round_trip_copy_and_averaged():
+    model = _scalar_model(2.0)
+    ema = training.EMA(model, decay=0.5, warmup=True)
+    ema.update(_scalar_model(4.0))  # d_0 = 0.1: 0.1 * 2 + 0.9 * 4 = 3.8
+    state = ema.state_dict()
+    fresh = training.EMA(_scalar_model(0.0), decay=0.9)
+    fresh.load_state_dict(state)
+    assert (fresh.decay, fresh.warmup, fresh.num_updates) == (0.5, True, 1)
+    assert fresh.shadow["weight"].item() == pytest.approx(3.8)
+    old_state = {k: v for k, v in state.items() if k != "warmup"}  # saved before warm-up existed
+    older = training.EMA(_scalar_model(0.0), decay=0.9, warmup=True)
+    older.load_state_dict(old_state)
+    assert older.warmup is False
+    averaged = ema.averaged(model)
+    assert averaged.weight.item() == pytest.approx(3.8) and not averaged.weight.requires_grad
+    assert model.weight.item() == 2.0  # the original is untouched
+    ema.copy_to(model)
+    assert model.weight.item() == pytest.approx(3.8)
+    with pytest.raises(ValueError, match="does not match"):
+        training.EMA(torch.nn.Linear(2, 2)).load_state_dict(state)
+
+
+def test_common_docstring_lists_every_submodule():
+    import common
+
+    names = {p.stem for p in modules.ROOT.joinpath("common").glob("*.py")} - {"__init__"}
+    for name in names:
+        assert f"``{name}``" in common.__doc__, f"common/__init__.py does not list {name}"
 
 
 # -- module loading and exercise machinery ------------------------------------------------------
