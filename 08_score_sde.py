@@ -41,10 +41,12 @@ MATHEMATICAL BACKGROUND:
   with lambda(t) = sigma_t^2, i.e. E | sigma_t s_theta + z |^2.
 
 IMPLEMENTATION NOTES:
-- The building blocks below (SDE classes, predictors, corrector, pc_sample, ode_sample,
-  ode_log_likelihood, dsm_loss) are what modules 09 and 10 reuse through
-  load_module("08"). They broadcast over x of any shape (N, ...), so one code path serves 2D
-  points and images.
+- The building blocks below (SDE classes, predictors, corrector, pc_sample with its step_hook,
+  ode_sample, ode_log_likelihood, dsm_loss) are what modules 09 and 10 reuse through
+  load_module("08"). They
+  broadcast over x of any shape (N, ...), so one code path serves 2D points and images; random
+  numbers are drawn on x's device by a generator on that device
+  (common.seeding.make_generator), and the score is called in the caller's grad mode.
 - Every sampler is first run with the EXACT score of a Gaussian mixture: the marginal of
   x_t = alpha_t x_0 + sigma_t z is again a mixture (common.datasets.GaussianMixture.perturbed),
   so grad log p_t is known in closed form. That isolates discretisation error from learning error.
@@ -69,7 +71,9 @@ References:
 # # Section 1: Imports and configuration
 #
 # scipy's `solve_ivp` integrates the probability-flow ODE with an adaptive Runge-Kutta method;
-# everything else is torch. The time-conditional network and EMA come from module 06.
+# everything else is torch. The time-conditional network and training loop come from module 06;
+# the EMA of weights it teaches, `expand_to` and the data-vs-data floor `distance_floor` from
+# `common/`.
 
 # %%
 from __future__ import annotations
@@ -87,9 +91,11 @@ from tqdm.auto import tqdm
 from common.cli import make_parser as shared_parser
 from common.cli import positive_int, start_run
 from common.datasets import GaussianMixture
-from common.metrics import sliced_wasserstein
+from common.metrics import distance_floor, sliced_wasserstein
 from common.modules import load_module
 from common.plotting import grid_points, plot_density, plot_samples_over_density
+from common.seeding import check_generator
+from common.training import EMA, expand_to
 
 MODULE = "08_score_sde"
 Tensor = torch.Tensor
@@ -266,12 +272,18 @@ def make_parser():
 # $(\alpha_t, \sigma_t)$, and its prior. Everything else (the exact one-step discretisation, the
 # reverse SDE's drift, sampling the perturbation kernel) follows from those and lives in the base
 # class. Times are tensors of shape (N,) (one per sample) or plain numbers;
-# `_expand` reshapes a per-sample quantity to broadcast against x of any shape (N, ...).
+# `expand_to` (from common/training.py, shared with modules 03, 04, 06 and 07) reshapes a
+# per-sample quantity to (N, 1, ..., 1) to broadcast against x of any shape (N, ...).
+#
+# Every random draw happens on the device of the tensor it is for, with a generator on that
+# device (`common.seeding.make_generator(seed, device)`): drawing on the CPU and copying would
+# cost a transfer per step on a GPU. A generator on another device is a clear ValueError.
 
 # %%
-def _expand(v: Tensor, x: Tensor) -> Tensor:
-    """Reshape a per-sample quantity v: (N,) or () to (N, 1, ..., 1) to broadcast with x."""
-    return v.reshape(-1, *([1] * (x.ndim - 1)))
+def _normal_like(x: Tensor, generator=None) -> Tensor:
+    """z ~ N(0, I) with the shape, dtype and device of x, drawn by ``generator`` on x's device."""
+    check_generator(generator, x.device)
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 def _as_time(t, x: Tensor) -> Tensor:
@@ -312,18 +324,22 @@ class SDE:
     def marginal(self, x0: Tensor, t) -> tuple[Tensor, Tensor]:
         """Mean alpha_t x_0 (shape of x0) and std sigma_t (N,) of p_t(x | x_0)."""
         t = _as_time(t, x0)
-        return _expand(self.mean_coeff(t), x0) * x0, self.std(t)
+        return expand_to(self.mean_coeff(t), x0) * x0, self.std(t)
 
     def perturb(self, x0: Tensor, t, generator=None) -> tuple[Tensor, Tensor]:
         """Sample x_t = alpha_t x_0 + sigma_t z; returns (x_t, z)."""
         mean, std = self.marginal(x0, t)
-        z = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-        return mean + _expand(std, x0) * z, z
+        z = _normal_like(x0, generator)
+        return mean + expand_to(std, x0) * z, z
 
     def prior_sample(self, shape, generator=None, dtype=None, device=None) -> Tensor:
-        """x_T ~ N(0, prior_std^2 I), shape ``shape``."""
-        z = torch.randn(shape, generator=generator, dtype=dtype or torch.get_default_dtype())
-        return (self.prior_std * z).to(device)
+        """x_T ~ N(0, prior_std^2 I), shape ``shape``, drawn on ``device`` (default: torch's
+        default device) by a generator on that device."""
+        device = torch.empty(0).device if device is None else torch.device(device)
+        check_generator(generator, device)
+        z = torch.randn(shape, generator=generator, dtype=dtype or torch.get_default_dtype(),
+                        device=device)
+        return self.prior_std * z
 
     def prior_log_prob(self, z: Tensor) -> Tensor:
         """log N(z; 0, prior_std^2 I) summed over all but the first axis, shape (N,)."""
@@ -346,12 +362,12 @@ class SDE:
         s = t - dt
         a = self.mean_coeff(t) / self.mean_coeff(s)
         G = (self.std(t) ** 2 - a**2 * self.std(s) ** 2).clamp_min(0).sqrt()
-        return (_expand(a, x) - 1) * x, G
+        return (expand_to(a, x) - 1) * x, G
 
     def reverse_drift(self, x: Tensor, t, score: Tensor, probability_flow: bool = False) -> Tensor:
         """Drift of the reverse SDE, f - g^2 s, or of the probability-flow ODE, f - 1/2 g^2 s."""
         t = _as_time(t, x)
-        g2 = _expand(self.diffusion(t) ** 2, x)
+        g2 = expand_to(self.diffusion(t) ** 2, x)
         return self.drift(x, t) - (0.5 if probability_flow else 1.0) * g2 * score
 
 
@@ -406,7 +422,7 @@ class VPSDE(SDE):
         return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
 
     def drift(self, x, t):
-        return -0.5 * _expand(self.beta(t), x) * x
+        return -0.5 * expand_to(self.beta(t), x) * x
 
     def diffusion(self, t):
         return self.beta(t).sqrt()
@@ -482,8 +498,8 @@ def euler_maruyama_step(sde: SDE, score_fn: ScoreFn, x: Tensor, t: float, dt: fl
     tt = _as_time(t, x)
     drift = sde.reverse_drift(x, tt, score_fn(x, tt))
     x_mean = x - drift * dt
-    z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-    return x_mean + _expand(sde.diffusion(tt), x) * math.sqrt(dt) * z, x_mean
+    z = _normal_like(x, generator)
+    return x_mean + expand_to(sde.diffusion(tt), x) * math.sqrt(dt) * z, x_mean
 
 
 def reverse_diffusion_step(sde: SDE, score_fn: ScoreFn, x: Tensor, t: float, dt: float,
@@ -493,9 +509,9 @@ def reverse_diffusion_step(sde: SDE, score_fn: ScoreFn, x: Tensor, t: float, dt:
     """
     tt = _as_time(t, x)
     f, G = sde.discretize(x, tt, dt)
-    x_mean = x - f + _expand(G**2, x) * score_fn(x, tt)
-    z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-    return x_mean + _expand(G, x) * z, x_mean
+    x_mean = x - f + expand_to(G**2, x) * score_fn(x, tt)
+    z = _normal_like(x, generator)
+    return x_mean + expand_to(G, x) * z, x_mean
 
 
 PREDICTORS = {"euler_maruyama": euler_maruyama_step, "reverse_diffusion": reverse_diffusion_step}
@@ -511,11 +527,11 @@ def langevin_corrector_step(sde: SDE, score_fn: ScoreFn, x: Tensor, t: float, dt
     """
     tt = _as_time(t, x)
     s = score_fn(x, tt)
-    z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    z = _normal_like(x, generator)
     s_norm = s.reshape(len(x), -1).norm(dim=1).mean()
     z_norm = z.reshape(len(x), -1).norm(dim=1).mean()
     a2 = (sde.mean_coeff(tt) / sde.mean_coeff(tt - dt)) ** 2
-    eps = 2 * _expand(a2, x) * (snr * z_norm / s_norm) ** 2
+    eps = 2 * expand_to(a2, x) * (snr * z_norm / s_norm) ** 2
     x_mean = x + eps * s
     return x_mean + (2 * eps).sqrt() * z, x_mean
 
@@ -525,6 +541,16 @@ def langevin_corrector_step(sde: SDE, score_fn: ScoreFn, x: Tensor, t: float, dt
 # The sampler is a Python generator that yields the state after every step, so that a caller
 # can keep the whole trajectory, or just the end: `*_, x0 = pc_sample(...)`.
 # With `corrector_steps=0` it is a pure predictor sampler (EM or reverse diffusion).
+# Its steps run under `torch.no_grad()` (sampling builds no autograd graph), switched on and
+# off around each step, so the caller's code between two yields keeps its own grad mode.
+#
+# **Acting between steps.** `step_hook(x, t_next, i)` is called after step $i$ (corrector(s),
+# then predictor) with the new state and the time it belongs to, $t_{i+1}$, and whatever it
+# returns becomes the state, and is what is yielded. On the last step it receives the
+# noise-free `x_mean` that the sampler returns. Inpainting uses it to overwrite the known
+# pixels with the data noised to $t_{i+1}$, $\alpha_{t_{i+1}} x_0 + \sigma_{t_{i+1}} z$
+# (Song et al. 2021, Appendix I); guidance can nudge x along a gradient. The hook runs in the
+# caller's grad mode, so it may use `torch.enable_grad()` itself.
 
 # %%
 def time_grid(sde: SDE, n_steps: int, eps: float) -> Tensor:
@@ -539,13 +565,21 @@ def time_grid(sde: SDE, n_steps: int, eps: float) -> Tensor:
 def pc_sample(sde: SDE, score_fn: ScoreFn, shape, n_steps: int = 500,
               predictor: str = "reverse_diffusion", corrector_steps: int = 1, snr: float = 0.16,
               eps: float = 1e-3, generator=None, dtype=None, device=None,
-              x_T: Tensor | None = None) -> Iterator[Tensor]:
+              x_T: Tensor | None = None,
+              step_hook: Callable[[Tensor, float, int], Tensor] | None = None
+              ) -> Iterator[Tensor]:
     """Predictor-corrector sampling (Song et al. 2021, Algorithm 1 and its VE/VP variants).
 
     Starts from x_T ~ prior (or the given ``x_T``) and, for each of ``n_steps`` steps from T to
     ``eps``, runs ``corrector_steps`` Langevin steps at the current time, then one predictor step
     (``"euler_maruyama"`` or ``"reverse_diffusion"``). Yields x after every step; the last yield
     is the noise-free mean of the final step. Score evaluations: n_steps * (1 + corrector_steps).
+    The steps run under torch.no_grad(); noise is drawn by ``generator`` on x's device.
+
+    ``step_hook(x, t_next, i) -> x``, if given, is called after step i = 0, ..., n_steps - 1
+    with the new state (the noisy x; on the last step the noise-free x_mean) and the time it
+    belongs to, t_next = ts[i + 1] (a float); its return value replaces the state, and is what
+    is yielded and what the next step starts from. It runs in the caller's grad mode.
     """
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; choose one of {', '.join(PREDICTORS)}")
@@ -554,10 +588,19 @@ def pc_sample(sde: SDE, score_fn: ScoreFn, shape, n_steps: int = 500,
     x = sde.prior_sample(shape, generator, dtype, device) if x_T is None else x_T
     for i in range(n_steps):
         t, dt = ts[i].item(), (ts[i] - ts[i + 1]).item()
-        for _ in range(corrector_steps):
-            x, _ = langevin_corrector_step(sde, score_fn, x, t, dt, snr, generator)
-        x, x_mean = step(sde, score_fn, x, t, dt, generator)
-        yield x_mean if i == n_steps - 1 else x
+        with torch.no_grad():  # not around the yield: the caller's code keeps its grad mode
+            for _ in range(corrector_steps):
+                x, _ = langevin_corrector_step(sde, score_fn, x, t, dt, snr, generator)
+            x, x_mean = step(sde, score_fn, x, t, dt, generator)
+        if i == n_steps - 1:
+            x = x_mean  # the final denoising step: no noise after the last update
+        if step_hook is not None:
+            x = step_hook(x, ts[i + 1].item(), i)
+            if not isinstance(x, Tensor):
+                raise TypeError(f"step_hook must return the new state (a tensor), got "
+                                f"{type(x).__name__}: did it modify x in place and forget to "
+                                f"return it?")
+        yield x
 
 
 # %% [markdown]
@@ -602,28 +645,55 @@ def ode_sample(sde: SDE, score_fn: ScoreFn, x_T: Tensor, eps: float = 1e-3, rtol
 # to $T$: $\frac{d}{dt}[x, \Delta] = [\tilde f(x, t),\ \nabla\!\cdot\tilde f(x, t)]$, then
 # $\log p_\varepsilon(x) = \log p_T(x(T)) + \Delta(T)$. The Hutchinson probe $v$ is drawn once and
 # kept fixed along the path (so the ODE stays smooth for the adaptive solver).
+#
+# Each right-hand side costs ONE network evaluation: the drift $\tilde f(x, t)$ is computed with
+# gradients enabled on $x$, and the divergence is read off the same graph (the exact trace by
+# $D$ backward passes through it, kept alive with `retain_graph`; Hutchinson's by one). The
+# score function must therefore let gradients flow: `as_score_fn` below does not switch them
+# off, and a score evaluated under `torch.no_grad()` would silently lose its share of the
+# divergence (for VE, whose drift $f = 0$, the likelihood then stops with an error instead).
 
 # %%
+def _trace_from_graph(out: Tensor, x: Tensor) -> Tensor:
+    """tr(d out / dx) per sample, out = fn(x) already computed with a graph: D backward passes."""
+    out = out.reshape(len(x), -1)
+    flat_dim = out.shape[1]
+    div = torch.zeros(len(x), dtype=x.dtype, device=x.device)
+    for i in range(flat_dim):
+        # row i of the Jacobian summed over the batch (samples do not interact): d out_i / dx
+        (g,) = torch.autograd.grad(out[:, i].sum(), x, retain_graph=i < flat_dim - 1)
+        div = div + g.reshape(len(x), -1)[:, i]  # its diagonal entry d out_i / dx_i
+    return div.detach()
+
+
+def _hutchinson_from_graph(out: Tensor, x: Tensor, v: Tensor) -> Tensor:
+    """v^T (d out / dx) v per sample, out = fn(x) already computed with a graph: one VJP."""
+    (vjp,) = torch.autograd.grad((out * v).sum(), x)  # v^T J, shape of x
+    return (vjp * v).reshape(len(x), -1).sum(1).detach()
+
+
+def _with_graph(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    """(x as a leaf that requires grad, fn(x) with its graph); call inside torch.enable_grad()."""
+    x = x.detach().requires_grad_(True)
+    out = fn(x)
+    if not out.requires_grad:
+        raise RuntimeError("the function's output does not depend on x through autograd: is the "
+                           "score evaluated under torch.no_grad() (or detached)?")
+    return x, out
+
+
 def divergence_exact(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """tr(d fn / dx) per sample with one backward pass per dimension (D passes). x: (N, ...)."""
-    x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        out = fn(x).reshape(len(x), -1)
-        flat_dim = out.shape[1]
-        div = torch.zeros(len(x), dtype=x.dtype, device=x.device)
-        for i in range(flat_dim):
-            (g,) = torch.autograd.grad(out[:, i].sum(), x, retain_graph=i < flat_dim - 1)
-            div = div + g.reshape(len(x), -1)[:, i]
-    return div.detach()
+        x, out = _with_graph(fn, x)
+        return _trace_from_graph(out, x)
 
 
 def divergence_hutchinson(fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor) -> Tensor:
     """Skilling-Hutchinson estimate v^T (d fn / dx) v per sample, one vector-Jacobian product."""
-    x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        out = fn(x)
-        (vjp,) = torch.autograd.grad((out * v).sum(), x)  # v^T J, shape of x
-    return (vjp * v).reshape(len(x), -1).sum(1).detach()
+        x, out = _with_graph(fn, x)
+        return _hutchinson_from_graph(out, x, v)
 
 
 def ode_log_likelihood(sde: SDE, score_fn: ScoreFn, x0: Tensor, eps: float = 1e-5,
@@ -633,7 +703,9 @@ def ode_log_likelihood(sde: SDE, score_fn: ScoreFn, x0: Tensor, eps: float = 1e-
     """log p_eps(x0) per sample by the probability-flow ODE, shape (N,); and the NFE.
 
     ``divergence`` is ``"exact"`` (D backward passes per evaluation) or ``"hutchinson"``
-    (one, with a Rademacher probe drawn from ``generator``; unbiased, not exact).
+    (one, with a Rademacher probe drawn from ``generator`` on x0's device; unbiased, not
+    exact). Either way the score is evaluated once per right-hand side (NFE network calls in
+    all), with gradients on: ``score_fn`` must not switch them off.
     ``log_p_T`` is the density used at time T: the SDE's prior unless given (the true p_T is
     unknown for real data; for a Gaussian-mixture test case it is known exactly).
 
@@ -646,20 +718,24 @@ def ode_log_likelihood(sde: SDE, score_fn: ScoreFn, x0: Tensor, eps: float = 1e-
     if divergence not in ("exact", "hutchinson"):
         raise ValueError(f"divergence must be 'exact' or 'hutchinson', got {divergence!r}")
     shape, n = x0.shape, x0.shape[0]
-    v = torch.randint(0, 2, shape, generator=generator).to(x0) * 2 - 1  # Rademacher +-1
+    # Rademacher +-1 probe, drawn for either choice (so the random stream does not depend on it)
+    check_generator(generator, x0.device)
+    v = torch.randint(0, 2, shape, generator=generator, device=x0.device).to(x0) * 2 - 1
 
     def rhs(t: float, state: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(state[:-n]).to(x0).reshape(shape)
         tt = _as_time(t, x)
 
-        def drift(z):
+        def drift(z):  # f~(z, t) = f(z, t) - 1/2 g(t)^2 s(z, t)
             return sde.reverse_drift(z, tt, score_fn(z, tt), probability_flow=True)
 
-        with torch.no_grad():
-            dx = drift(x)
-        div = divergence_exact(drift, x) if divergence == "exact" else \
-            divergence_hutchinson(drift, x, v)
-        return np.concatenate([dx.reshape(-1).double().cpu().numpy(), div.double().cpu().numpy()])
+        with torch.enable_grad():
+            x, dx = _with_graph(drift, x)  # the one network evaluation of this right-hand side
+            # div f~ from the same graph: D backward passes (exact) or one (Hutchinson)
+            div = _trace_from_graph(dx, x) if divergence == "exact" else \
+                _hutchinson_from_graph(dx, x, v)
+        return np.concatenate([dx.detach().reshape(-1).double().cpu().numpy(),
+                               div.double().cpu().numpy()])
 
     state0 = np.concatenate([x0.reshape(-1).double().cpu().numpy(), np.zeros(n)])
     sol = solve_ivp(rhs, (eps, sde.T), state0, method="RK45", rtol=rtol, atol=atol)
@@ -688,7 +764,7 @@ def ddpm_alpha_bar(sde: VPSDE, n_steps: int) -> Tensor:
 
 def eps_to_score(eps: Tensor, std: Tensor) -> Tensor:
     """DDPM's noise prediction as a score: s = -eps / sigma_t (std: (N,))."""
-    return -eps / _expand(std, eps)
+    return -eps / expand_to(std, eps)
 
 
 # %% [markdown]
@@ -706,10 +782,11 @@ def dsm_loss(score_net: Callable[[Tensor, Tensor], Tensor], sde: SDE, x0: Tensor
 
     t ~ U(eps, T), x_t = alpha_t x_0 + sigma_t z. x0: (N, ...). Returns a scalar.
     """
-    t = eps + (sde.T - eps) * torch.rand(len(x0), generator=generator, dtype=x0.dtype)
-    t = t.to(x0.device)
+    check_generator(generator, x0.device)
+    t = eps + (sde.T - eps) * torch.rand(len(x0), generator=generator, dtype=x0.dtype,
+                                         device=x0.device)
     x_t, z = sde.perturb(x0, t, generator)
-    residual = _expand(sde.std(t), x0) * score_net(x_t, t) + z
+    residual = expand_to(sde.std(t), x0) * score_net(x_t, t) + z
     return residual.reshape(len(x0), -1).square().sum(1).mean()
 
 
@@ -746,7 +823,7 @@ def train_score_net(sde: SDE, data: GaussianMixture, cfg: Config, generator,
     with fresh mixture samples every step. Returns the EMA network and the loss per step."""
     nets = load_module("06")
     net = make_score_net(sde, data.dim)
-    ema = nets.EMA(net, decay=0.995)
+    ema = EMA(net, decay=0.995)  # common/training.py (module 06 teaches it)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, nets.warmup_lr_lambda(cfg.train_steps // 20))
 
@@ -765,11 +842,16 @@ def train_score_net(sde: SDE, data: GaussianMixture, cfg: Config, generator,
 
 
 def as_score_fn(net: torch.nn.Module) -> ScoreFn:
-    """Wrap a network as a score function in the dtype the samplers use."""
+    """Wrap a float32 network as a score function in the dtype the samplers use (x's dtype).
+
+    Gradient-safe: the caller's grad mode decides. The samplers (``pc_sample``, ``ode_sample``)
+    run under ``torch.no_grad()`` themselves, while ``ode_log_likelihood`` needs the gradient of
+    the score with respect to x for the divergence; a wrapper that switched gradients off would
+    silently drop the score's share of it.
+    """
 
     def score(x: Tensor, t: Tensor) -> Tensor:
-        with torch.no_grad():
-            return net(x.float(), t.float()).to(x.dtype)
+        return net(x.float(), t.float()).to(x.dtype)
 
     return score
 
@@ -841,7 +923,7 @@ def demo_forward_marginals(run, cfg: Config, data: GaussianMixture, sdes: dict) 
             t = torch.full((len(x),), i * dt, dtype=torch.float64)
             z = torch.randn(x.shape, generator=run.generator, dtype=torch.float64)
             # forward Euler-Maruyama: x <- x + f dt + g sqrt(dt) z
-            x = x + sde.drift(x, t) * dt + _expand(sde.diffusion(t), x) * math.sqrt(dt) * z
+            x = x + sde.drift(x, t) * dt + expand_to(sde.diffusion(t), x) * math.sqrt(dt) * z
             if (i + 1) % check_every == 0:
                 rec_t.append((i + 1) * dt)
                 rec_mean.append(x[:, 0].mean().item())
@@ -918,11 +1000,9 @@ def demo_exact_samplers(run, cfg: Config, data: GaussianMixture, sdes: dict) -> 
     results, distances = {}, {}
     reference = data.sample(cfg.n_samples, run.generator, torch.float64)
     # The floor: distances between independent data sets of the same size (mean and spread).
-    def draw():
-        return data.sample(cfg.n_samples, run.generator, torch.float64)
-
-    floors = torch.tensor([sample_distance(draw(), draw(), run.generator) for _ in range(5)])
-    floor, floor_sd = floors.mean().item(), floors.std().item()
+    floor, floor_sd = distance_floor(
+        lambda: data.sample(cfg.n_samples, run.generator, torch.float64),
+        lambda a, b: sample_distance(a, b, run.generator), n_pairs=5)
     for name, sde in tqdm(sdes.items(), desc="exact-score samplers", leave=False):
         results[name] = run_samplers(sde, exact_score_fn(data, sde), cfg, run.generator)
         distances[name] = {s: sample_distance(x, reference, run.generator)

@@ -363,3 +363,217 @@ def test_ve_three_step_em_overshoots_the_variance_drop():
     g2dt = sde.diffusion(t[:1]).item() ** 2 * (t[0] - t[1]).item()
     assert g2dt == pytest.approx(460, rel=0.01)
     assert g2dt / (s0 ** 2 - s1 ** 2) == pytest.approx(4.6, rel=0.02)
+
+
+# -- learned (nn.Module) scores in the likelihood ODE ------------------------------------------
+class GaussianImageScore(torch.nn.Module):
+    """The exact score of p_t for image data x_0 ~ N(mu_c, c_c^2) independently per pixel of
+    channel c, written as a network: a 1x1 convolution (identity weights, with gradients) of
+    x - alpha_t mu, divided by alpha_t^2 c^2 + sigma_t^2. Linear in x, like a trained net."""
+
+    def __init__(self, sde, mu, c):
+        super().__init__()
+        self.sde = sde
+        self.register_buffer("mu", torch.as_tensor(mu, dtype=torch.float32)[None, :, None, None])
+        self.register_buffer("c2", torch.as_tensor(c, dtype=torch.float32)[None, :, None, None]
+                             ** 2)
+        n_ch = self.mu.shape[1]
+        self.mix = torch.nn.Conv2d(n_ch, n_ch, 1, bias=False)
+        with torch.no_grad():
+            self.mix.weight.copy_(torch.eye(n_ch)[:, :, None, None])
+
+    def var_t(self, t, x):
+        a = m.expand_to(self.sde.mean_coeff(t), x)
+        return a, a * a * self.c2.to(x) + m.expand_to(self.sde.std(t), x) ** 2
+
+    def forward(self, x, t):
+        a, var = self.var_t(t, x)
+        return -self.mix(x - a * self.mu.to(x)) / var  # -(x - alpha_t mu) / var_t
+
+
+IMG_MU, IMG_C = [0.3, -0.5], [0.5, 2.0]
+
+
+def _gaussian_image_log_prob(x, mu, var):
+    """log N(x; mu, var) summed over all but the batch axis; mu, var broadcast (1, C, 1, 1)."""
+    return (-0.5 * (x - mu) ** 2 / var - 0.5 * torch.log(2 * math.pi * var)).flatten(1).sum(1)
+
+
+@pytest.fixture(scope="module")
+def image_case():
+    sde = SDES["vp"]
+    net = GaussianImageScore(sde, IMG_MU, IMG_C)
+    g = torch.Generator().manual_seed(11)
+    mu = torch.tensor(IMG_MU, dtype=F64)[None, :, None, None]
+    c = torch.tensor(IMG_C, dtype=F64)[None, :, None, None]
+    x = mu + c * torch.randn(3, 2, 3, 3, generator=g, dtype=F64)  # (N, C, H, W), D = 18
+    truth = _gaussian_image_log_prob(x, mu, c**2)
+    tT = torch.tensor([sde.T], dtype=F64)
+    aT, sT = sde.mean_coeff(tT).item(), sde.std(tT).item()
+
+    def log_p_T(z):  # p_T = N(alpha_T mu, alpha_T^2 c^2 + sigma_T^2), exact here
+        return _gaussian_image_log_prob(z, aT * mu, aT**2 * c**2 + sT**2)
+
+    return sde, net, x, truth, log_p_T
+
+
+@pytest.mark.parametrize("grad_mode", ["enabled", "no_grad"])
+def test_likelihood_of_a_network_score_on_images_matches_the_closed_form(image_case, grad_mode):
+    """ode_log_likelihood(sde, as_score_fn(net), x) on (N, C, H, W) data equals log N(x; mu, c^2)
+    (with the true p_T, so only solver and float32 error remain), also when called under
+    torch.no_grad(). A score wrapped under no_grad drops its share of the divergence: the old
+    as_score_fn was off by 90 nats here."""
+    sde, net, x, truth, log_p_T = image_case
+    score = m.as_score_fn(net)
+    with torch.set_grad_enabled(grad_mode == "enabled"):
+        logp, _ = m.ode_log_likelihood(sde, score, x, log_p_T=log_p_T)
+    assert (logp - truth).abs().max().item() < 0.01, (logp, truth)
+    # the check can fail: the same network evaluated without gradients (the old wrapper)
+    def no_grad_score(x, t):
+        with torch.no_grad():
+            return score(x, t)
+
+    wrong, _ = m.ode_log_likelihood(sde, no_grad_score, x, log_p_T=log_p_T)
+    assert (wrong - truth).abs().min().item() > 1.0
+
+
+def test_likelihood_hutchinson_with_a_network_score(image_case):
+    """This network's Jacobian is diagonal (pixels do not interact), and a Rademacher probe
+    reads a diagonal exactly (v_i^2 = 1, module 05): Hutchinson must give the closed form."""
+    sde, net, x, truth, log_p_T = image_case
+    g = torch.Generator().manual_seed(2)
+    logp, _ = m.ode_log_likelihood(sde, m.as_score_fn(net), x, divergence="hutchinson",
+                                   generator=g, log_p_T=log_p_T)
+    assert (logp - truth).abs().max().item() < 0.01, (logp, truth)
+
+
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_likelihood_calls_the_network_once_per_right_hand_side(image_case, divergence):
+    """Drift and divergence come from one forward pass: network calls == NFE (was 2 NFE)."""
+    sde, net, x, _, _ = image_case
+    score, calls = m.as_score_fn(net), [0]
+
+    def counted(x, t):
+        calls[0] += 1
+        return score(x, t)
+
+    _, nfe = m.ode_log_likelihood(sde, counted, x[:1], divergence=divergence,
+                                  generator=torch.Generator().manual_seed(0), rtol=1e-3,
+                                  atol=1e-3)
+    assert calls[0] == nfe, (calls[0], nfe)
+
+
+def test_likelihood_refuses_a_score_without_gradients():
+    """VE has f = 0: a score evaluated under no_grad leaves nothing to differentiate."""
+    sde = SDES["ve"]
+
+    def no_grad_score(x, t):
+        with torch.no_grad():
+            return -x / (1 + m.expand_to(sde.std(t), x) ** 2)
+
+    with pytest.raises(RuntimeError, match="no_grad"):
+        m.ode_log_likelihood(sde, no_grad_score, torch.zeros(2, 2, dtype=F64))
+
+
+def test_samplers_build_no_graph_and_leave_the_callers_grad_mode_alone(image_case):
+    sde, net, _, _, _ = image_case
+    score = m.as_score_fn(net)
+    assert score(torch.zeros(1, 2, 3, 3), torch.full((1,), 0.5)).requires_grad  # caller decides
+    g = torch.Generator().manual_seed(0)
+    for x in m.pc_sample(sde, score, (2, 2, 3, 3), 3, generator=g):
+        assert not x.requires_grad and torch.is_grad_enabled()
+    x, _, _ = m.ode_sample(sde, score, sde.prior_sample((2, 2, 3, 3), g), rtol=1e-2, atol=1e-2)
+    assert not x.requires_grad
+
+
+# -- noise drawn on the tensor's device ----------------------------------------------------------
+class _GeneratorElsewhere:
+    """Stands in for a torch.Generator on a GPU (this test runs on CPU-only machines too)."""
+
+    device = torch.device("cuda", 0)
+
+
+def _noise_draws():
+    sde, x = SDES["vp"], torch.zeros(3, 2, dtype=F64)
+    score = lambda y, t: -y
+    return {
+        "perturb": lambda g: sde.perturb(x, 0.5, g),
+        "prior_sample": lambda g: sde.prior_sample((3, 2), g, F64),
+        "euler_maruyama": lambda g: m.euler_maruyama_step(sde, score, x, 0.5, 0.1, g),
+        "reverse_diffusion": lambda g: m.reverse_diffusion_step(sde, score, x + 1, 0.5, 0.1, g),
+        "corrector": lambda g: m.langevin_corrector_step(sde, score, x + 1, 0.5, 0.1, 0.16, g),
+        "rademacher_probe": lambda g: m.ode_log_likelihood(sde, score, x, divergence="hutchinson",
+                                                           generator=g),
+        "dsm_loss": lambda g: m.dsm_loss(score, sde, x, generator=g),
+    }
+
+
+@pytest.mark.parametrize("name", list(_noise_draws()))
+def test_a_generator_on_another_device_is_a_clear_error(name):
+    with pytest.raises(ValueError, match="generator is on cuda:0 but the tensor is on cpu"):
+        _noise_draws()[name](_GeneratorElsewhere())
+
+
+def test_cpu_noise_is_the_same_as_before_the_device_change():
+    """randn with a CPU generator and explicit dtype on the CPU: the numbers of the old
+    torch.randn(..., generator=g, dtype=d).to(device), so CPU results stay bit-identical."""
+    sde, x0 = SDES["vp"], torch.ones(4, 3, dtype=F64)
+    _, z = sde.perturb(x0, 0.5, torch.Generator().manual_seed(7))
+    assert torch.equal(z, torch.randn(x0.shape, generator=torch.Generator().manual_seed(7),
+                                      dtype=F64))
+    prior = sde.prior_sample((4, 3), torch.Generator().manual_seed(8), F64)
+    assert torch.equal(prior, torch.randn(4, 3, generator=torch.Generator().manual_seed(8),
+                                          dtype=F64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sampling_is_seedable():
+    from common.seeding import make_generator
+
+    sde, score = SDES["vp"], lambda y, t: -y
+    runs = [list(m.pc_sample(sde, score, (8, 2), 5, generator=make_generator(3, "cuda"),
+                             device="cuda"))[-1] for _ in range(2)]
+    assert runs[0].device.type == "cuda" and torch.equal(runs[0], runs[1])
+
+
+# -- step_hook: acting between sampler steps ----------------------------------------------------
+def test_step_hook_is_called_after_every_step_with_the_next_time(mixture):
+    sde, n_steps = SDES["vp"], 6
+    score = m.exact_score_fn(mixture, sde)
+    seen = []
+
+    def record(x, t_next, i):
+        seen.append((i, t_next, x.clone()))
+        return x
+
+    states = list(m.pc_sample(sde, score, (4, 2), n_steps, generator=torch.Generator()
+                              .manual_seed(1), dtype=F64, step_hook=record))
+    plain = list(m.pc_sample(sde, score, (4, 2), n_steps, generator=torch.Generator()
+                             .manual_seed(1), dtype=F64))
+    assert [i for i, _, _ in seen] == list(range(n_steps))
+    assert [t for _, t, _ in seen] == m.time_grid(sde, n_steps, 1e-3)[1:].tolist()
+    for (_, _, x), y, z in zip(seen, states, plain):
+        assert torch.equal(x, y) and torch.equal(y, z)  # it sees what is yielded (x_mean last)
+
+
+def test_step_hook_replaces_the_state(mixture):
+    """An inpainting-like hook that pins coordinate 0 to 0.7: every yield, the final x_mean
+    included, keeps it, and the later steps start from the replaced state."""
+    sde, n_steps, known = SDES["vp"], 8, 0.7
+    score = m.exact_score_fn(mixture, sde)
+
+    def pin(x, t_next, i):
+        x = x.clone()
+        x[:, 0] = known
+        return x
+
+    kw = dict(n_steps=n_steps, predictor="euler_maruyama", corrector_steps=1, dtype=F64)
+    states = list(m.pc_sample(sde, score, (50, 2), generator=torch.Generator().manual_seed(2),
+                              step_hook=pin, **kw))
+    free = list(m.pc_sample(sde, score, (50, 2), generator=torch.Generator().manual_seed(2),
+                            **kw))
+    assert len(states) == n_steps
+    assert all((x[:, 0] == known).all() for x in states)
+    assert not torch.allclose(states[-1][:, 1], free[-1][:, 1])  # the pinned state propagated
+    with pytest.raises(TypeError, match="must return the new state"):
+        list(m.pc_sample(sde, score, (5, 2), 3, dtype=F64, step_hook=lambda x, t, i: None))
