@@ -17,6 +17,8 @@ LEARNING OBJECTIVES:
 - See DDPM as the discretised VP SDE, with score = -eps / sigma_t.
 - Train one time-dependent score network with continuous-time denoising score matching,
   weighting lambda(t) = sigma_t^2, and compare its samples with those of the exact score.
+- Get the tools images need ready: Tweedie's denoised estimate, a hook between sampler steps
+  (inpainting, guidance), the likelihood weighting, and bits/dim with uniform dequantisation.
 
 MATHEMATICAL BACKGROUND:
 - Forward SDE:  dx = f(x, t) dt + g(t) dw,   t in [0, T],  x(0) ~ p_data.
@@ -38,12 +40,17 @@ MATHEMATICAL BACKGROUND:
   prod_i (1 - beta_i) -> alpha_t^2, and eps-prediction is score prediction: s = -eps / sigma_t.
 - Continuous-time DSM, x_t = alpha_t x_0 + sigma_t z:
       min E_t E_{x_0} E_z [ lambda(t) | s_theta(x_t, t) + z / sigma_t |^2 ]
-  with lambda(t) = sigma_t^2, i.e. E | sigma_t s_theta + z |^2.
+  with lambda(t) = sigma_t^2, i.e. E | sigma_t s_theta + z |^2; lambda(t) = g(t)^2 (likelihood
+  weighting) makes ((T - eps)/2) E_t[...] an upper bound on -E log p_theta(x_0) up to a constant.
+- Tweedie's denoised estimate:
+      x0_hat(x_t) = E[x_0 | x_t] = (x_t + sigma_t^2 grad log p_t(x_t)) / alpha_t
+- Bits per dimension of 8-bit images, y = scale (x + U) / 256 + shift, U ~ U[0, 1)^D:
+      bpd = -(log p_y(y) + D ln(scale)) / (D ln 2) + log2(256)
 
 IMPLEMENTATION NOTES:
 - The building blocks below (SDE classes, predictors, corrector, pc_sample with its step_hook,
-  ode_sample, ode_log_likelihood, dsm_loss) are what modules 09 and 10 reuse through
-  load_module("08"). They
+  ode_sample, ode_log_likelihood, dsm_loss and dsm_loss_per_sample, denoised_estimate,
+  dequantize, bits_per_dim) are what modules 09 and 10 reuse through load_module("08"). They
   broadcast over x of any shape (N, ...), so one code path serves 2D points and images; random
   numbers are drawn on x's device by a generator on that device
   (common.seeding.make_generator), and the score is called in the caller's grad mode.
@@ -65,6 +72,8 @@ References:
 - B. D. O. Anderson (1982). Reverse-time diffusion equation models. Stoch. Proc. Appl.
 - J. Ho, A. Jain, P. Abbeel (2020). Denoising diffusion probabilistic models. NeurIPS.
 - W. Grathwohl et al. (2019). FFJORD. ICLR (the Hutchinson divergence in continuous flows).
+- Y. Song, C. Durkan, I. Murray, S. Ermon (2021). Maximum likelihood training of score-based
+  diffusion models. NeurIPS (the likelihood weighting lambda = g^2).
 """
 
 # %% [markdown]
@@ -769,25 +778,89 @@ def eps_to_score(eps: Tensor, std: Tensor) -> Tensor:
 
 # %% [markdown]
 # ## 3.8 Continuous-time DSM and the score network
+# The loss of Section 2.7, one value per sample, with a choice of weighting $\lambda(t)$:
+# $$ \ell_i = \lambda(t_i)\,\big\| s_\theta(x_{t_i}, t_i) + z_i / \sigma_{t_i} \big\|^2,
+#    \qquad x_{t_i} = \alpha_{t_i} x_{0,i} + \sigma_{t_i} z_i, $$
+# summed over every non-batch axis (all pixels of an image).
+# * $\lambda = \sigma_t^2$ ("sigma2", the default and `dsm_loss`): every time on the same scale;
+#   $\ell = \|\sigma_t s_\theta + z\|^2$ is DDPM's noise-prediction loss.
+# * $\lambda = g(t)^2$ ("likelihood", Song, Durkan, Murray and Ermon 2021): then
+#   $\tfrac{T-\varepsilon}{2}\,\mathbb{E}_t[\ell]$ is, up to a constant that does not depend on
+#   $\theta$, an upper bound on the model's $-\mathbb{E}\log p_\theta(x_0)$: training with it
+#   targets likelihood (bits/dim) rather than sample quality. $g^2/\sigma_t^2$ grows like
+#   $1/t$ near $t = 0$, so its Monte Carlo estimate is much noisier.
+# * any function $t \mapsto \lambda(t)$.
+#
+# Per-sample values are what a training loop needs to log the loss per time, or to reweight.
 # The network is module 06's `TimeConditionalScoreNet` (Gaussian Fourier features of t feeding
 # an MLP), with its output divided by $\sigma_t$ so that its raw output only has to learn
 # $-z$, a quantity of unit scale at every time (module 06's output-scaling trick).
 
 # %%
+DSM_WEIGHTINGS = ("sigma2", "likelihood")
+
+
+def dsm_loss_per_sample(score_net: Callable[[Tensor, Tensor], Tensor], sde: SDE, x0: Tensor,
+                        t=None, weighting="sigma2", eps: float = 1e-5,
+                        generator=None) -> Tensor:
+    """Continuous-time DSM, one value per sample, shape (N,):
+
+        l_i = lambda(t_i) | s_theta(x_t, t_i) + z_i / sigma_t |^2,
+        x_t = alpha_t x0_i + sigma_t z_i   (t = t_i),
+
+    the squared norm summed over all non-batch axes. x0: (N, ...). ``t``: (N,) (or a number),
+    else drawn t_i ~ U(eps, T) from ``generator``; z ~ N(0, I) from ``generator`` on x0's device.
+
+    ``weighting``:
+        "sigma2"      lambda = sigma_t^2:  l = |sigma_t s + z|^2 (``dsm_loss`` is its mean).
+        "likelihood"  lambda = g(t)^2 (Song, Durkan, Murray, Ermon 2021, Theorem 1): with it
+                      (T - eps)/2 E_t[l] + C, C independent of theta, bounds -E log p_theta(x0).
+        callable      t (N,) -> lambda(t) (N,).
+    Computed as (lambda / sigma_t^2) |sigma_t s + z|^2, the same number, so that "sigma2" is
+    exactly the residual module 08 has always trained on.
+    """
+    n = len(x0)
+    if t is None:
+        check_generator(generator, x0.device)
+        # t ~ U(eps, T)
+        t = eps + (sde.T - eps) * torch.rand(n, generator=generator, dtype=x0.dtype,
+                                             device=x0.device)
+    else:
+        t = _as_time(t, x0)
+        if t.shape != (n,):
+            raise ValueError(f"t must be a number or one time per sample ({n},), "
+                             f"got {tuple(t.shape)}")
+    x_t, z = sde.perturb(x0, t, generator)
+    sigma = sde.std(t)
+    # sigma_t s + z = sigma_t (s - target), target = -z / sigma_t: the sigma2-weighted residual
+    residual = expand_to(sigma, x0) * score_net(x_t, t) + z
+    per_sample = residual.reshape(n, -1).square().sum(1)  # |sigma_t s + z|^2
+    if isinstance(weighting, str) and weighting == "sigma2":
+        return per_sample
+    if isinstance(weighting, str) and weighting == "likelihood":
+        lam = sde.diffusion(t) ** 2  # lambda = g(t)^2
+    elif callable(weighting):
+        lam = torch.as_tensor(weighting(t), dtype=per_sample.dtype, device=per_sample.device)
+        if lam.shape != (n,):
+            raise ValueError(f"the weighting function must return one value per sample ({n},), "
+                             f"got {tuple(lam.shape)}")
+    else:
+        raise ValueError(f"weighting must be one of {DSM_WEIGHTINGS} or a function of t, "
+                         f"got {weighting!r}")
+    # lambda |s + z / sigma|^2 = (lambda / sigma^2) |sigma s + z|^2
+    return lam / sigma**2 * per_sample
+
+
 def dsm_loss(score_net: Callable[[Tensor, Tensor], Tensor], sde: SDE, x0: Tensor,
              eps: float = 1e-5, generator=None) -> Tensor:
     """Continuous-time DSM with lambda(t) = sigma_t^2:  E_t E_z |sigma_t s(x_t, t) + z|^2.
 
     No factor 1/2 in front (module 06 has one), so the values are twice module 06's.
 
-    t ~ U(eps, T), x_t = alpha_t x_0 + sigma_t z. x0: (N, ...). Returns a scalar.
+    t ~ U(eps, T), x_t = alpha_t x_0 + sigma_t z. x0: (N, ...). Returns a scalar: the mean of
+    ``dsm_loss_per_sample(..., weighting="sigma2")``.
     """
-    check_generator(generator, x0.device)
-    t = eps + (sde.T - eps) * torch.rand(len(x0), generator=generator, dtype=x0.dtype,
-                                         device=x0.device)
-    x_t, z = sde.perturb(x0, t, generator)
-    residual = expand_to(sde.std(t), x0) * score_net(x_t, t) + z
-    return residual.reshape(len(x0), -1).square().sum(1).mean()
+    return dsm_loss_per_sample(score_net, sde, x0, None, "sigma2", eps, generator).mean()
 
 
 def exact_dsm_loss(data: GaussianMixture, sde: SDE, generator=None, n_times: int = 100,
@@ -859,6 +932,93 @@ def as_score_fn(net: torch.nn.Module) -> ScoreFn:
 def sample_distance(samples: Tensor, reference: Tensor, generator=None) -> float:
     """Sliced Wasserstein-2 distance between samples and reference data (common.metrics)."""
     return sliced_wasserstein(samples, reference, 256, generator)
+
+
+# %% [markdown]
+# ## 3.9 The denoised estimate: Tweedie's formula for the SDE's kernel
+# Module 04's Tweedie formula, for $x_t = \alpha_t x_0 + \sigma_t z$: apply it to
+# $y = \alpha_t x_0$, which is observed with noise $\sigma_t z$, and divide by $\alpha_t$:
+# $$ \hat x_0(x_t) = \mathbb{E}[x_0 \mid x_t]
+#    = \frac{x_t + \sigma_t^2\,\nabla\log p_t(x_t)}{\alpha_t}. $$
+# With the exact score it is the posterior mean, the best denoiser in mean squared error; with a
+# learned score it is what the network "thinks" the clean image is, which is worth showing next
+# to $x_t$ while sampling images, and what guidance and inpainting methods build on.
+
+# %%
+def denoised_estimate(sde: SDE, score_fn: ScoreFn, x: Tensor, t) -> Tensor:
+    """Tweedie's x0_hat = E[x_0 | x_t = x] = (x + sigma_t^2 s(x, t)) / alpha_t, shape of x.
+
+    x: (N, ...) states at time t (a number or (N,)). Runs in the caller's grad mode.
+    """
+    tt = _as_time(t, x)
+    # x + sigma_t^2 s estimates alpha_t x_0 (module 04's Tweedie); divide by alpha_t
+    return (x + expand_to(sde.std(tt) ** 2, x) * score_fn(x, tt)) / expand_to(
+        sde.mean_coeff(tt), x)
+
+
+# %% [markdown]
+# ## 3.10 Likelihoods of images: dequantisation and bits per dimension
+# An 8-bit image $x \in \{0, \dots, 255\}^D$ is discrete, the SDE model continuous. The standard
+# bridge: **uniform dequantisation** $u = (x + U)/256$, $U \sim \mathcal{U}[0, 1)^D$, then
+# the scaling the network trains on, $y = \text{scale}\cdot u + \text{shift}$ ($[-1, 1)$ for
+# scale 2, shift $-1$). The discrete model $P(x) = \int_{\text{cell}(x)} p_u(u)\,du$ over the
+# cell of volume $256^{-D}$ satisfies, by Jensen's inequality,
+# $\log P(x) \ge \mathbb{E}_U[\log p_u(u)] - D\log 256$, and the change of variables gives
+# $\log p_u(u) = \log p_y(y) + D\log(\text{scale})$. So, in bits per dimension,
+# $$ \text{bpd} = -\frac{\log p_y(y) + D \ln(\text{scale})}{D \ln 2} + \log_2 256 $$
+# (averaged over images and $U$) is an upper bound on the discrete model's $-\log_2 P(x) / D$.
+# Both extra terms are easy to drop, and the symptoms are familiar from other code: without
+# $\log_2 256 = 8$ a good model gets *negative* bits/dim; without the Jacobian of the scaling
+# every value is off by $\log_2(\text{scale})$, 1 bit for data in $[-1, 1]$. A model that is
+# uniform on $[-1, 1]^D$ knows nothing, and scores exactly 8 bits/dim.
+
+# %%
+def dequantize(x_uint8: Tensor, generator=None, scale: float = 2.0, shift: float = -1.0,
+               dtype=None) -> Tensor:
+    """Uniform dequantisation y = scale (x + U) / 256 + shift, U ~ U[0, 1) per entry.
+
+    x_uint8: an integer tensor (any shape) with values in {0, ..., 255}. Returns a floating
+    tensor (``dtype``, default torch's default dtype) on x's device, in [shift, shift + scale);
+    U is drawn by ``generator`` on that device.
+    """
+    if x_uint8.dtype.is_floating_point or x_uint8.dtype.is_complex or x_uint8.dtype == torch.bool:
+        raise TypeError(f"dequantize expects integer pixel values 0..255, got {x_uint8.dtype}")
+    if x_uint8.numel() and (int(x_uint8.min()) < 0 or int(x_uint8.max()) > 255):
+        raise ValueError(f"pixel values must lie in 0..255, got {int(x_uint8.min())}.."
+                         f"{int(x_uint8.max())}")
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    check_generator(generator, x_uint8.device)
+    dtype = dtype or torch.get_default_dtype()
+    u = torch.rand(x_uint8.shape, generator=generator, dtype=dtype, device=x_uint8.device)
+    return scale * (x_uint8.to(dtype) + u) / 256 + shift  # y = scale (x + U) / 256 + shift
+
+
+def bits_per_dim(log_p: Tensor, n_dims: int, scale: float = 2.0, n_levels: int = 256) -> Tensor:
+    """Negative log-likelihood in bits per dimension of discrete images, shape of ``log_p``.
+
+    log_p: log p_y(y) in nats, one value per image, of the CONTINUOUS model on data scaled as
+    y = scale u + shift, where u = (x + U) / n_levels in [0, 1) is the uniformly dequantised
+    image (``dequantize``); n_dims = D, the number of values per image (C H W).
+
+        bpd = -(log p_y(y) + D ln(scale)) / (D ln 2) + log2(n_levels)
+
+    log p_u(u) = log p_y(y) + D ln(scale) (change of variables, y = scale u + shift), and the
+    discrete model's log P(x) >= E_U[log p_u(u)] - D ln(n_levels) (Jensen over the cell of
+    volume n_levels^-D): the mean of bpd over U bounds -log2 P(x) / D from above.
+    Missing terms give the odd values met in other code: dropping log2(n_levels) (= 8 for
+    256 levels) gives negative bits/dim for any model better than uniform; dropping the
+    scaling's Jacobian D ln(scale) shifts every value by log2(scale) bits (+1 for [-1, 1] data).
+    A model uniform on [-1, 1]^D (log p_y = -D ln 2) scores exactly log2(n_levels) = 8.
+    """
+    if not (isinstance(n_dims, int) and n_dims > 0):
+        raise ValueError(f"n_dims must be a positive integer, got {n_dims!r}")
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    if not (isinstance(n_levels, int) and n_levels >= 2):
+        raise ValueError(f"n_levels must be an integer >= 2, got {n_levels!r}")
+    log_p_u = log_p + n_dims * math.log(scale)  # density of u in [0, 1)^D
+    return -log_p_u / (n_dims * math.log(2)) + math.log2(n_levels)
 
 
 # %% [markdown]
@@ -1401,6 +1561,10 @@ def exercise_hutchinson_divergence(fn: Callable[[Tensor], Tensor], x: Tensor,
 #   $s = -\epsilon/\sigma_t$.
 # - One time-conditional network trained with $\lambda(t) = \sigma_t^2$ DSM replaces the exact
 #   score; module 09 does the same with a U-Net on images.
+# - For images: Tweedie's $\hat x_0 = (x_t + \sigma_t^2 s)/\alpha_t$ shows what the network
+#   sees; `step_hook` acts between sampler steps; bits/dim need both the dequantisation term
+#   $\log_2 256$ and the Jacobian of the scaling, and the likelihood weighting $\lambda = g^2$
+#   trains for them.
 
 # %%
 def main(argv=None):

@@ -1,5 +1,6 @@
 """Tests of module 08's SDE building blocks: every stated equation checked numerically."""
 
+import copy
 import math
 
 import pytest
@@ -505,6 +506,8 @@ def _noise_draws():
         "rademacher_probe": lambda g: m.ode_log_likelihood(sde, score, x, divergence="hutchinson",
                                                            generator=g),
         "dsm_loss": lambda g: m.dsm_loss(score, sde, x, generator=g),
+        "dsm_loss_given_t": lambda g: m.dsm_loss_per_sample(score, sde, x, 0.5, generator=g),
+        "dequantize": lambda g: m.dequantize(torch.zeros(3, dtype=torch.uint8), g),
     }
 
 
@@ -577,3 +580,170 @@ def test_step_hook_replaces_the_state(mixture):
     assert not torch.allclose(states[-1][:, 1], free[-1][:, 1])  # the pinned state propagated
     with pytest.raises(TypeError, match="must return the new state"):
         list(m.pc_sample(sde, score, (5, 2), 3, dtype=F64, step_hook=lambda x, t, i: None))
+
+
+# -- Tweedie's denoised estimate ----------------------------------------------------------------
+@pytest.mark.parametrize("name", list(SDES))
+@pytest.mark.parametrize("t", [0.05, 0.3, 0.7])
+def test_denoised_estimate_is_the_gaussian_posterior_mean(name, t, gen):
+    """Data N(mu, C): E[x_0 | x_t] = mu + alpha C (alpha^2 C + sigma^2 I)^{-1} (x_t - alpha mu)."""
+    sde = SDES[name]
+    mu = torch.tensor([0.5, -0.3], dtype=F64)
+    cov = torch.tensor([[1.0, 0.6], [0.6, 0.8]], dtype=F64)
+    gauss = GaussianMixture([1.0], [mu.tolist()], [cov.tolist()])
+    x_t = 2 * torch.randn(20, 2, generator=gen, dtype=F64)
+    tt = torch.tensor([t], dtype=F64)
+    a, s = sde.mean_coeff(tt).item(), sde.std(tt).item()
+    gain = a * cov @ torch.linalg.inv(a * a * cov + s * s * torch.eye(2, dtype=F64))
+    posterior_mean = mu + (x_t - a * mu) @ gain.T
+    x0_hat = m.denoised_estimate(sde, m.exact_score_fn(gauss, sde), x_t, t)
+    torch.testing.assert_close(x0_hat, posterior_mean)
+    if name != "ve":  # the check can fail: forgetting the 1/alpha_t (alpha_t = 1 only for VE)
+        score = m.exact_score_fn(gauss, sde)(x_t, tt.expand(20))
+        assert not torch.allclose(x_t + s * s * score, posterior_mean, atol=1e-3)
+
+
+def test_denoised_estimate_of_a_network_on_images(image_case):
+    sde, net, x, _, _ = image_case
+    net = copy.deepcopy(net).double()  # float64: at t = 0.9, 1/alpha_t ~ 30 amplifies rounding
+    t = torch.tensor([0.2, 0.5, 0.9], dtype=F64)
+    a, var = net.var_t(t, x)
+    expected = net.mu + a * net.c2 / var * (x - a * net.mu)  # per-pixel Gaussian conditioning
+    torch.testing.assert_close(m.denoised_estimate(sde, net, x, t), expected)
+
+
+# -- bits per dimension and dequantisation ------------------------------------------------------
+def test_bits_per_dim_of_the_uniform_model_is_eight():
+    """Uniform on [-1, 1]^D: log p_y = -D ln 2, and 8 bits per dimension exactly."""
+    for D in (1, 784, 3072):
+        log_p = torch.tensor([-D * math.log(2)], dtype=F64)
+        assert m.bits_per_dim(log_p, D).item() == pytest.approx(8.0, abs=1e-12)
+    # [0, 1) data (scale 1) with a uniform model: log p = 0, again 8 bits
+    assert m.bits_per_dim(torch.zeros(1, dtype=F64), 10, scale=1.0).item() == pytest.approx(8.0)
+    assert m.bits_per_dim(torch.zeros(1, dtype=F64), 10, 1.0, n_levels=2).item() == \
+        pytest.approx(1.0)
+
+
+GAUSS_PIX_MEAN = torch.tensor([-0.3, 0.1, 0.5, 0.0], dtype=F64)
+GAUSS_PIX_STD = torch.tensor([0.2, 0.35, 0.5, 0.8], dtype=F64)
+PIXELS = torch.tensor([40, 140, 200, 128], dtype=torch.uint8)
+
+
+def _gaussian_model_bounds():
+    """For a Gaussian model N(m, s^2) of y = 2 u - 1 on 4 pixels and the image PIXELS:
+    the exact discrete -log2 P(x) / D (CDF differences over each pixel's cell) and
+    E_U[log p_y(y)] in closed form (E[(y - m)^2] over the cell y in [lo, hi))."""
+    m_, s_ = GAUSS_PIX_MEAN, GAUSS_PIX_STD
+    lo = 2 * PIXELS.double() / 256 - 1
+    hi = 2 * (PIXELS.double() + 1) / 256 - 1
+    normal = torch.distributions.Normal(m_, s_)
+    discrete_bpd = -torch.log2(normal.cdf(hi) - normal.cdf(lo)).sum() / 4
+    mean_sq = ((hi - m_) ** 3 - (lo - m_) ** 3) / (3 * (hi - lo))  # E_U (y - m)^2
+    mean_log_p = (-0.5 * mean_sq / s_**2 - torch.log(s_) - 0.5 * math.log(2 * math.pi)).sum()
+    return discrete_bpd, mean_log_p
+
+
+def test_bits_per_dim_bounds_the_discrete_likelihood_of_a_gaussian_model():
+    """E_U[bpd] >= -log2 P(x) / D (Jensen), and for a smooth model the gap is tiny."""
+    discrete_bpd, mean_log_p = _gaussian_model_bounds()
+    bpd = m.bits_per_dim(mean_log_p[None], 4).item()
+    assert discrete_bpd.item() <= bpd < discrete_bpd.item() + 1e-3, (bpd, discrete_bpd)
+    # the missing terms of the docstring: no log2(256) -> negative; no Jacobian -> +1 bit
+    no_levels = -mean_log_p.item() / (4 * math.log(2)) - math.log2(2)
+    no_jacobian = -mean_log_p.item() / (4 * math.log(2)) + 8
+    assert no_levels == pytest.approx(bpd - 8) and no_levels < 0
+    assert no_jacobian == pytest.approx(bpd + 1)
+
+
+def test_dequantize_then_bits_per_dim_by_monte_carlo():
+    """The pipeline: mean over U of bits_per_dim(log p_y(dequantize(x))) -> the closed form."""
+    _, mean_log_p = _gaussian_model_bounds()
+    g = torch.Generator().manual_seed(0)
+    y = m.dequantize(PIXELS.expand(20_000, 4), g, dtype=F64)
+    log_p = torch.distributions.Normal(GAUSS_PIX_MEAN, GAUSS_PIX_STD).log_prob(y).sum(1)
+    bpd = m.bits_per_dim(log_p, 4)
+    se = bpd.std().item() / math.sqrt(len(bpd))
+    expected = m.bits_per_dim(mean_log_p[None], 4).item()
+    assert abs(bpd.mean().item() - expected) < 5 * se + 1e-9, (bpd.mean(), expected, se)
+
+
+def test_dequantize_range_cells_and_errors():
+    g = torch.Generator().manual_seed(1)
+    x = torch.arange(256, dtype=torch.uint8).repeat(40)
+    y = m.dequantize(x, g, dtype=F64)
+    assert y.dtype == F64 and (y >= -1).all() and (y < 1).all()
+    assert torch.equal(torch.floor((y + 1) / 2 * 256).long(), x.long())  # each in its own cell
+    u = (y + 1) / 2 * 256 - x.double()  # the uniform noise U, mean 1/2, variance 1/12
+    assert abs(u.mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / len(u))
+    y01 = m.dequantize(x, torch.Generator().manual_seed(1), scale=1.0, shift=0.0, dtype=F64)
+    torch.testing.assert_close(y01, (y + 1) / 2)  # same U, the [0, 1) scaling
+    assert m.dequantize(x[:3]).dtype == torch.get_default_dtype()
+    with pytest.raises(TypeError, match="integer pixel values"):
+        m.dequantize(torch.zeros(3))
+    with pytest.raises(ValueError, match="0..255"):
+        m.dequantize(torch.tensor([0, 256]))
+    with pytest.raises(ValueError, match="n_dims"):
+        m.bits_per_dim(torch.zeros(1), 0)
+
+
+# -- continuous-time DSM per sample and its weightings ------------------------------------------
+def _dsm_by_hand(net, sde, x0, t, seed):
+    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed), dtype=x0.dtype)
+    a, s = m.expand_to(sde.mean_coeff(t), x0), m.expand_to(sde.std(t), x0)
+    x_t = a * x0 + s * z
+    return net(x_t, t), z, s
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_dsm_loss_per_sample_weightings_by_hand(name, gen):
+    sde = SDES[name]
+    x0 = torch.randn(6, 2, 3, 3, generator=gen, dtype=F64)  # image-shaped
+    t = torch.linspace(0.05, 0.95, 6, dtype=F64)
+    W = torch.randn(2, 2, generator=gen, dtype=F64)
+
+    def net(x, t):  # any function of (x, t) will do
+        return torch.einsum("ij,njhw->nihw", W, x) * m.expand_to(1 + t, x)
+
+    s_theta, z, sigma = _dsm_by_hand(net, sde, x0, t, seed=5)
+    g2 = sde.diffusion(t) ** 2
+
+    def loss(weighting):
+        return m.dsm_loss_per_sample(net, sde, x0, t, weighting,
+                                     generator=torch.Generator().manual_seed(5))
+
+    manual_sigma2 = (sigma * s_theta + z).flatten(1).square().sum(1)  # |sigma s + z|^2
+    torch.testing.assert_close(loss("sigma2"), manual_sigma2)
+    manual_lik = g2 * (s_theta + z / sigma).flatten(1).square().sum(1)  # g^2 |s + z/sigma|^2
+    torch.testing.assert_close(loss("likelihood"), manual_lik)
+    manual_cb = (1 + t**2) * (s_theta + z / sigma).flatten(1).square().sum(1)
+    torch.testing.assert_close(loss(lambda t: 1 + t**2), manual_cb)
+    assert loss("sigma2").shape == (6,)
+    assert not torch.allclose(loss("likelihood"), manual_sigma2)  # the weightings differ
+
+
+def test_dsm_loss_is_the_mean_of_the_per_sample_loss(gen):
+    sde, x0 = SDES["subvp"], torch.randn(64, 2, generator=gen)
+    net = lambda x, t: -x * m.expand_to(1 + t, x)
+    per = m.dsm_loss_per_sample(net, sde, x0, generator=torch.Generator().manual_seed(9))
+    total = m.dsm_loss(net, sde, x0, generator=torch.Generator().manual_seed(9))
+    assert per.shape == (64,) and torch.equal(per.mean(), total)
+
+
+def test_dsm_loss_per_sample_validates(gen):
+    sde, x0 = SDES["vp"], torch.zeros(4, 2)
+    net = lambda x, t: x
+    with pytest.raises(ValueError, match="weighting must be"):
+        m.dsm_loss_per_sample(net, sde, x0, weighting="uniform")
+    with pytest.raises(ValueError, match="one time per sample"):
+        m.dsm_loss_per_sample(net, sde, x0, t=torch.ones(3) * 0.5)
+    with pytest.raises(ValueError, match="one value per sample"):
+        m.dsm_loss_per_sample(net, sde, x0, weighting=lambda t: t[:2])
+
+
+@pytest.mark.parametrize("name, limit", [("ve", 1.0), ("vp", 1.0), ("subvp", 2.0)])
+def test_likelihood_weight_over_sigma2_grows_like_one_over_t(name, limit):
+    """g(t)^2 / sigma_t^2 ~ c / t near t = 0 (c = 1 for VE and VP, 2 for sub-VP)."""
+    sde = SDES[name]
+    t = torch.tensor([1e-6, 1e-7], dtype=F64)
+    ratio = t * sde.diffusion(t) ** 2 / sde.std(t) ** 2
+    torch.testing.assert_close(ratio, torch.full_like(t, limit), rtol=1e-3, atol=0)
