@@ -96,7 +96,8 @@ References:
 # The samplers need only torch. numpy and scipy solve the 1D Fokker-Planck equation on a grid
 # (a banded linear system per time step) and give the normal CDF for histogram tests.
 # `common` provides the shared command line, figure saving, the Gaussian mixtures with exact
-# scores, and the sample distances.
+# scores, the sample distances, and `expand_to`, which turns a step size given as a number or as
+# one value per chain (N,) into a tensor that broadcasts against the chains x (N, ...).
 
 # %%
 import argparse
@@ -117,6 +118,7 @@ from common.cli import int_at_least, positive_float, start_run
 from common.cli import make_parser as make_shared_parser
 from common.datasets import GaussianMixture
 from common.metrics import sliced_wasserstein
+from common.training import expand_to
 
 MODULE = "03_langevin_dynamics"
 DTYPE = torch.float64  # closed forms are compared at the 1e-3 level: float64 throughout
@@ -337,15 +339,6 @@ def make_parser():
 # ## 3.1 The Langevin step and the ULA sampler
 
 # %%
-def _per_chain(step_size, x: Tensor) -> Tensor:
-    """eps as a tensor that broadcasts against x: a number stays 0-d, (N,) becomes (N, 1, ...)."""
-    eps = torch.as_tensor(step_size, dtype=x.dtype, device=x.device)
-    if eps.ndim == 1:
-        # one step size per chain: append singleton axes up to x.ndim
-        eps = eps.reshape(eps.shape + (1,) * (x.ndim - 1))
-    return eps
-
-
 def _check_step_size(step_size, n_chains: int) -> None:
     eps = torch.as_tensor(step_size, dtype=torch.float64)  # float64: 1e-300 must not underflow
     if eps.ndim > 1 or (eps.ndim == 1 and len(eps) != n_chains):
@@ -374,7 +367,7 @@ def langevin_step(x: Tensor, score: Tensor, step_size, generator: torch.Generato
     Returns:
         x' with the shape of x.
     """
-    eps = _per_chain(step_size, x)
+    eps = expand_to(step_size, x)  # a number or (N,) -> broadcasts against x (N, ...)
     z = _normal_like(x, generator) if noise is None else noise
     # drift (eps/2) s(x): half a gradient-ascent step on log p; then sqrt(eps) z of noise
     return x + 0.5 * eps * score + eps.sqrt() * z
@@ -441,7 +434,7 @@ def log_proposal(x_to: Tensor, x_from: Tensor, score_from: Tensor, step_size) ->
         x_to, x_from, score_from: (N, ...); score_from = s(x_from).
         step_size: eps, a number or (N,).
     """
-    eps = _per_chain(step_size, x_to)
+    eps = expand_to(step_size, x_to)
     mean = x_from + 0.5 * eps * score_from  # the ULA drift from x_from
     d = x_to[0].numel()  # dimension of one state
     # -|x_to - mean|^2 / (2 eps) - (d/2) log(2 pi eps), summed over all but the chain axis

@@ -106,9 +106,10 @@ References:
 #
 # `torch` trains the networks, `matplotlib` draws, `tqdm` shows training progress. From
 # `common` we take the shared command line, the Gaussian mixture with exact perturbed scores
-# and posterior means, the Swiss roll, and the sliced Wasserstein distance. Two earlier
-# modules lend building blocks: module 02 its plain MLP score network, module 03 its Langevin
-# sampler.
+# and posterior means, the Swiss roll, the sliced Wasserstein distance, and `expand_to`, which
+# reshapes a noise level given as a number or one per sample (N,) to broadcast against x
+# (N, ...). Two earlier modules lend building blocks: module 02 its plain MLP score network,
+# module 03 its Langevin sampler.
 
 # %%
 from __future__ import annotations
@@ -131,6 +132,7 @@ from common.datasets import GaussianMixture, swiss_roll
 from common.metrics import sliced_wasserstein
 from common.modules import load_module
 from common.plotting import grid_points, plot_density, plot_score_field
+from common.training import expand_to
 
 MODULE = "04_denoising_score_matching"
 Tensor = torch.Tensor
@@ -360,17 +362,9 @@ sm02 = load_module("02")  # mlp_score_net, and the unweighted dsm_loss (lambda =
 langevin03 = load_module("03")  # langevin: the unadjusted Langevin algorithm
 
 
-def expand_sigma(sigma, x: Tensor) -> Tensor:
-    """sigma as a tensor broadcasting against x (N, ...): a number stays 0-d, (N,) -> (N, 1...)."""
-    sig = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-    if sig.ndim == 1:
-        sig = sig.reshape(sig.shape + (1,) * (x.ndim - 1))  # one noise level per sample
-    return sig
-
-
 def dsm_target(x_noisy: Tensor, x0: Tensor, sigma) -> Tensor:
     """grad_{x~} log q_sigma(x~ | x0) = -(x~ - x0) / sigma^2 (= -z / sigma).   Shapes (N, ...)."""
-    return -(x_noisy - x0) / expand_sigma(sigma, x0) ** 2
+    return -(x_noisy - x0) / expand_to(sigma, x0) ** 2
 
 
 def dsm_loss(score_fn: ScoreFn, x0: Tensor, sigma, noise: Tensor | None = None,
@@ -383,7 +377,7 @@ def dsm_loss(score_fn: ScoreFn, x0: Tensor, sigma, noise: Tensor | None = None,
     """
     z = noise if noise is not None else torch.randn(
         x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-    sig = expand_sigma(sigma, x0)
+    sig = expand_to(sigma, x0)
     x_noisy = x0 + sig * z  # x~ = x0 + sigma z, a sample of p_sigma
     # sigma s(x~) + z = sigma (s(x~) - target), target = -z / sigma: the weighted residual
     residual = sig * score_fn(x_noisy) + z
@@ -397,7 +391,7 @@ def tweedie_denoise(score_fn: ScoreFn, x_noisy: Tensor, sigma) -> Tensor:
     With the exact perturbed score this is the posterior mean (the best denoiser in mean
     squared error); with a learned score it is the learned denoiser xhat_theta.
     """
-    return x_noisy + expand_sigma(sigma, x_noisy) ** 2 * score_fn(x_noisy)
+    return x_noisy + expand_to(sigma, x_noisy) ** 2 * score_fn(x_noisy)
 
 
 # %% [markdown]
