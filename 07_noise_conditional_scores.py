@@ -60,9 +60,10 @@ MATHEMATICAL BACKGROUND:
 
 IMPLEMENTATION NOTES:
 - Reused, not copied: module 03's `langevin_step`, `langevin` and `mode_fractions`; module 06's
-  `NoiseConditionalScoreNet`, `GeometricNoise`, `EMA`, `warmup_lr_lambda`, `training_loop`,
+  `NoiseConditionalScoreNet`, `GeometricNoise`, `warmup_lr_lambda`, `training_loop`,
   `noise_conditional_loss`, `exact_score_fn` and `GaussianFourierFeatures` (all through
-  common.modules.load_module).
+  common.modules.load_module); the `EMA` module 06 teaches and `expand_to` from
+  common/training.py.
 - Module 06's `annealed_langevin` is a sketch that returns only the end point, with the step
   written as step_ratio * sigma_i^2. Here `annealed_langevin_states` is the teaching version:
   the step is parametrised as in the paper (eps at sigma_L), it yields the state after every
@@ -120,9 +121,10 @@ from common.datasets import DataNotFoundError, GaussianMixture, load_mnist, reso
 from common.metrics import mmd_rbf, sliced_wasserstein
 from common.modules import load_module
 from common.plotting import grid_points, image_grid, plot_samples_over_density
+from common.training import EMA, expand_to
 
 langevin03 = load_module("03")  # langevin_step, langevin, mode_fractions
-nets06 = load_module("06")  # NoiseConditionalScoreNet, GeometricNoise, EMA, training_loop, ...
+nets06 = load_module("06")  # NoiseConditionalScoreNet, GeometricNoise, training_loop, ...
 
 MODULE = "07_noise_conditional_scores"
 BASELINE = "data vs data (baseline)"  # the quality row of fresh data draws (Section 4.2)
@@ -558,7 +560,7 @@ class SmallConvScoreNet(nn.Module):
 
     def forward(self, x: Tensor, sigma) -> Tensor:
         sigma = nets06.as_batch(sigma, x)
-        return self.unscaled(x, sigma) / nets06.expand_to(sigma, x)  # s = f / sigma
+        return self.unscaled(x, sigma) / expand_to(sigma, x)  # s = f / sigma
 
 
 # %% [markdown]
@@ -810,7 +812,7 @@ def train_ncsn(run, cfg: Config, data: GaussianMixture, sigmas: Tensor) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt,
                                                     nets06.warmup_lr_lambda(cfg.warmup_steps))
-    ema = nets06.EMA(model, cfg.ema_decay)
+    ema = EMA(model, cfg.ema_decay)
     gen = torch.Generator().manual_seed(seed + 6)
     levels = sigmas.float()
     loop = nets06.training_loop(
@@ -1117,7 +1119,7 @@ def demo_images(run, cfg: Config, train) -> dict:
     model = SmallConvScoreNet(generator=seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, nets06.warmup_lr_lambda(100))
-    ema = nets06.EMA(model, 0.99)
+    ema = EMA(model, 0.99)
 
     def batch():
         return images[torch.randint(len(images), (cfg.image_batch,), generator=gen)]

@@ -159,6 +159,14 @@ def test_output_scale_divides_by_sigma_broadcast():
     assert m.expand_to(v, torch.zeros(2, 3, 4, 5)).shape == (2, 1, 1, 1)
 
 
+def test_ema_and_expand_to_are_the_shared_ones():
+    """Module 06 teaches EMA and expand_to but no longer keeps copies: common/training.py has them
+    (modules 03, 04, 07 and 08 use the same objects)."""
+    from common import training
+
+    assert m.EMA is training.EMA and m.expand_to is training.expand_to
+
+
 def test_one_level_per_batch_computes_the_code_once_with_the_same_result():
     """Sampling passes one level for the whole batch; forward then embeds it once. The result
     must equal the per-sample path (each row alone, where no sharing happens)."""
