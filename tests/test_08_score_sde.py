@@ -546,6 +546,7 @@ def test_step_hook_is_called_after_every_step_with_the_next_time(mixture):
     seen = []
 
     def record(x, t_next, i):
+        assert torch.is_grad_enabled()  # the hook runs in the caller's grad mode
         seen.append((i, t_next, x.clone()))
         return x
 
