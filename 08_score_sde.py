@@ -786,9 +786,12 @@ def eps_to_score(eps: Tensor, std: Tensor) -> Tensor:
 #   $\ell = \|\sigma_t s_\theta + z\|^2$ is DDPM's noise-prediction loss.
 # * $\lambda = g(t)^2$ ("likelihood", Song, Durkan, Murray and Ermon 2021): then
 #   $\tfrac{T-\varepsilon}{2}\,\mathbb{E}_t[\ell]$ is, up to a constant that does not depend on
-#   $\theta$, an upper bound on the model's $-\mathbb{E}\log p_\theta(x_0)$: training with it
-#   targets likelihood (bits/dim) rather than sample quality. $g^2/\sigma_t^2$ grows like
-#   $1/t$ near $t = 0$, so its Monte Carlo estimate is much noisier.
+#   $\theta$, an upper bound on $-\mathbb{E}\log p^{\text{SDE}}_\theta(x_0)$, the negative
+#   log-likelihood of the reverse-SDE model (their Theorem 1 with the DSM form of the loss):
+#   training with it targets likelihood (bits/dim) rather than sample quality. The bound is for
+#   the SDE model, not exactly for the probability-flow ODE whose likelihood Section 3.6
+#   computes, though the paper finds that one improves too. $g^2/\sigma_t^2$ grows like $1/t$
+#   near $t = 0$, so its Monte Carlo estimate is much noisier.
 # * any function $t \mapsto \lambda(t)$.
 #
 # Per-sample values are what a training loop needs to log the loss per time, or to reweight.
@@ -814,7 +817,8 @@ def dsm_loss_per_sample(score_net: Callable[[Tensor, Tensor], Tensor], sde: SDE,
     ``weighting``:
         "sigma2"      lambda = sigma_t^2:  l = |sigma_t s + z|^2 (``dsm_loss`` is its mean).
         "likelihood"  lambda = g(t)^2 (Song, Durkan, Murray, Ermon 2021, Theorem 1): with it
-                      (T - eps)/2 E_t[l] + C, C independent of theta, bounds -E log p_theta(x0).
+                      (T - eps)/2 E_t[l] + C, C independent of theta, bounds the negative
+                      log-likelihood -E log p_theta(x0) of the reverse-SDE model.
         callable      t (N,) -> lambda(t) (N,).
     Computed as (lambda / sigma_t^2) |sigma_t s + z|^2, the same number, so that "sigma2" is
     exactly the residual module 08 has always trained on.
