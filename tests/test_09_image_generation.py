@@ -710,6 +710,14 @@ def test_quick_folder_run_end_to_end(digit_folder, tmp_path, capsys):
     with pytest.raises(SystemExit, match="--resume: no checkpoint"):
         m.main(_argv(digit_folder, tmp_path / "elsewhere", "--resume"))
 
+    # --train-steps 0: sample only, whatever length the checkpoint was trained for; here with
+    # the VP SDE, so its EM, PC and ODE samplers and bits/dim run end to end too
+    r = m.main(_argv(digit_folder, tmp_path, "--train-steps", "0", "--sde", "vp"))
+    assert r["results"]["euler_maruyama"]["nfe"] == 11 and torch.isfinite(r["bpd"]).all()
+    assert m.read_checkpoint(ckpt)["step"] == 40
+    with pytest.raises(SystemExit, match="--train-steps 0"):
+        m.main(_argv(digit_folder, tmp_path / "elsewhere", "--train-steps", "0"))
+
 
 def test_too_few_images_for_one_batch_is_a_clear_error(tmp_path):
     """8 images and --quick's batch of 32: the program stops with 'error: ...' naming the batch
