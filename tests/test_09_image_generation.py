@@ -757,3 +757,33 @@ def test_mnist_training_set_has_the_documented_class_counts():
     assert x.dtype == torch.uint8 and x.shape == (60000, 1, 28, 28)
     assert torch.bincount(y).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851,
                                           5949]
+
+
+# -- Ctrl-C saves first -------------------------------------------------------------------------
+def test_ctrl_c_saves_a_checkpoint_then_stops(tmp_path):
+    """SIGINT inside StopRequested only sets a flag; the loop then finishes the step, saves the
+    checkpoint at that step and raises KeyboardInterrupt; resuming from it continues exactly."""
+    import signal
+
+    cfg = train_config(10)
+    images = blobs(32, 8, 5)
+    path = tmp_path / "run.pt"
+    state = new_state(cfg)
+    with m.StopRequested() as stop:
+        loop = m.training_loop(state, images, 0, m.Distributed(), path, stop=stop)
+        next(loop)
+        next(loop)
+        os.kill(os.getpid(), signal.SIGINT)  # the handler turns it into a flag
+        assert stop.requested
+        assert next(loop)["step"] == 3  # the step under way finishes and is saved...
+        with pytest.raises(KeyboardInterrupt, match="stopped at step 3"):
+            next(loop)  # ...then the loop stops
+    assert m.read_checkpoint(path)["step"] == 3
+    resumed = new_state(cfg)
+    m.restore(resumed, m.read_checkpoint(path))
+    run_steps(resumed, images)
+    straight = new_state(cfg)
+    run_steps(straight, images)
+    for (k, a), b in zip(m.raw_model(resumed).state_dict().items(),
+                         m.raw_model(straight).state_dict().values()):
+        assert torch.equal(a, b), k
