@@ -33,9 +33,10 @@ def exercise_pc_step(score, x: Tensor, sigma: float, sigma_next: float, snr: flo
     return x + g2 * score(x, sigma) + math.sqrt(g2) * z_predictor
 
 
-def exercise_bits_per_dim(log_p: Tensor, n_dims: int) -> Tensor:
-    """bpd = -(log p_y + D ln 2) / (D ln 2) + 8: Jacobian of y = 2u - 1, and 256 bins."""
-    return -(log_p + n_dims * math.log(2)) / (n_dims * math.log(2)) + 8
+def exercise_bits_per_dim(log_p: Tensor, n_dims: int, scale: float, n_levels: int) -> Tensor:
+    """p_u(u) = p_y(y) scale^D (Jacobian of y = scale u + shift; a shift has Jacobian 1), and
+    P(x) >= p_u(u) / n_levels^D per bin: bpd = -(log p_y + D ln scale)/(D ln 2) + log2 n_levels."""
+    return -(log_p + n_dims * math.log(scale)) / (n_dims * math.log(2)) + math.log2(n_levels)
 
 
 def exercise_ema_update(shadow: dict, params: dict, k: int, decay: float) -> dict:

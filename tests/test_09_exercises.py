@@ -98,24 +98,31 @@ def pc_corrector_without_factor_two(score, x, sigma, sigma_next, snr, z1, z2):
 def check_bits_per_dim(fn):
     D = 784
     uniform = torch.full((3,), -D * math.log(2), dtype=torch.float64)
-    assert_close(fn(uniform, D), torch.full((3,), 8.0, dtype=torch.float64),
-                 what="bpd of the uniform model on [-1, 1]^D",
+    assert_close(fn(uniform, D, 2.0, 256), torch.full((3,), 8.0, dtype=torch.float64),
+                 what="bpd of the uniform model on [-1, 1]^D (scale 2, 256 levels)",
                  hint="the uniform model spends exactly 8 bits per 8-bit pixel", rtol=1e-12)
+    assert_close(fn(torch.zeros(2, dtype=torch.float64), 10, 1.0, 16),
+                 torch.full((2,), 4.0, dtype=torch.float64),
+                 what="bpd of the uniform model on [0, 1]^D with 16 levels",
+                 hint="with scale 1 only the bin width counts: log2(16) = 4 bits", rtol=1e-12)
+    m8 = load_module("08")
     log_p = torch.tensor([-500.0, 0.0, 1200.0], dtype=torch.float64)
-    expected = -(log_p + D * math.log(2)) / (D * math.log(2)) + 8
-    assert_close(fn(log_p, D), expected, what="bpd of three log-likelihoods",
-                 hint="bpd = -(log p_y + D ln 2)/(D ln 2) + 8", rtol=1e-12)
-    # the exact value through module 08's implementation
-    assert_close(fn(log_p, D), load_module("08").bits_per_dim(log_p, D),
-                 what="bpd against module 08's bits_per_dim", rtol=1e-12)
+    for scale, levels in ((2.0, 256), (1.0, 256), (0.5, 32), (255.0, 256)):
+        assert_close(fn(log_p, D, scale, levels), m8.bits_per_dim(log_p, D, scale, levels),
+                     what=f"bpd for scale {scale}, {levels} levels (module 08's bits_per_dim)",
+                     hint="bpd = -(log p_y + D ln scale)/(D ln 2) + log2(n_levels)", rtol=1e-12)
 
 
-def bpd_without_offset(log_p, n_dims):
-    return -(log_p + n_dims * math.log(2)) / (n_dims * math.log(2))
+def bpd_without_offset(log_p, n_dims, scale, n_levels):
+    return -(log_p + n_dims * math.log(scale)) / (n_dims * math.log(2))
 
 
-def bpd_without_jacobian(log_p, n_dims):
-    return -log_p / (n_dims * math.log(2)) + 8
+def bpd_without_jacobian(log_p, n_dims, scale, n_levels):
+    return -log_p / (n_dims * math.log(2)) + math.log2(n_levels)
+
+
+def bpd_jacobian_sign_flipped(log_p, n_dims, scale, n_levels):
+    return -(log_p - n_dims * math.log(scale)) / (n_dims * math.log(2)) + math.log2(n_levels)
 
 
 # -- 9.4 EMA update -----------------------------------------------------------------------------
@@ -156,6 +163,6 @@ test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_test
     Exercise("exercise_pc_step", check_pc_step,
              [pc_predictor_with_sigma_not_squared, pc_corrector_without_factor_two]),
     Exercise("exercise_bits_per_dim", check_bits_per_dim,
-             [bpd_without_offset, bpd_without_jacobian]),
+             [bpd_without_offset, bpd_without_jacobian, bpd_jacobian_sign_flipped]),
     Exercise("exercise_ema_update", check_ema_update, [ema_weights_swapped, ema_without_warmup]),
 ])
