@@ -155,7 +155,7 @@ class Config:
     """Sizes of one run. ``cpu()`` is the default on a CPU, ``gpu()`` on CUDA, ``quick()`` smoke."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    train_steps: int = 6000  # 6.4 epochs of MNIST; about 12-13 min on 2 cores (bf16)
+    train_steps: int = 5000  # 5.3 epochs of MNIST; 9-14 min on 2 cores (bf16)
     batch_size: int = 64  # per process
     lr: float = 2e-3  # peak learning rate
     warmup_steps: int = 300
@@ -212,7 +212,7 @@ def make_parser():
     parser.add_argument("--sde", default="ve", choices=("ve", "vp"),
                         help="the SDE of the EM, PC and ODE samplers and of bits/dim (default ve)")
     parser.add_argument("--train-steps", type=nonnegative_int, default=None,
-                        help="training steps (default: 6000 on CPU, 60000 on GPU, 40 --quick); "
+                        help="training steps (default: 5000 on CPU, 60000 on GPU, 40 --quick); "
                              "0 = only sample from an existing checkpoint")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images per step and process (default 64 on CPU, 128 on GPU)")
@@ -1320,11 +1320,11 @@ def bits_per_dim_on_images(denoiser: nn.Module, sde, images_uint8: Tensor, tol: 
 # | same without attention | 1.93 M | 667 | 2952 |
 #
 # Convolutions at 28x28 cost most of a step; folding 2x2 pixels into channels first keeps the
-# U-Net's shape (and its attention at 4x4) at the Colab network's speed, so twelve minutes of
-# CPU buy six passes over MNIST instead of two. In the whole loop (data, EMA, optimiser) it
-# trained at 430-590 images per second on the 2-core machine we measured on (its speed varies):
-# the default 6,000 steps take 11-15 minutes, which leaves the evaluation (about 4.5 minutes)
-# inside a 20-minute run.
+# U-Net's shape (and its attention at 4x4) at the Colab network's speed, so ten minutes of CPU
+# buy five passes over MNIST instead of two. In the whole loop (data, EMA, optimiser) it
+# trained at 370-590 images per second on the 2-core machine we measured on (its speed varies
+# from hour to hour): the default 5,000 steps take 9-14 minutes, which leaves the evaluation
+# (about 4.5 minutes) inside a 20-minute run.
 
 # %%
 def checkpoint_file(args, profile: str) -> Path:
