@@ -1693,7 +1693,8 @@ def summary_rows(cfg, trained, results, second, floor, noise_q, acc, bpd, bpd_nf
          f"{np.mean(trained['losses'][-max(1, len(trained['losses']) // 10):]):.4f}",
          "lower is better (no closed-form floor for real data)")]
     if floor is not None:
-        rows.append(("evaluation classifier: test accuracy", f"{100 * acc:.1f}%", "MNIST: about 99%; lower for CIFAR-10"))
+        rows.append(("evaluation classifier: test accuracy", f"{100 * acc:.1f}%",
+                     "MNIST: about 99%; lower for CIFAR-10"))
         rows.append(("real training images: confident / entropy / FD",
                      f"{100 * floor['confident']:.0f}% / {floor['entropy']:.2f} / "
                      f"{floor['frechet']:.1f} +- {floor['frechet_sd']:.1f}",
