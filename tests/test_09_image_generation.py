@@ -787,3 +787,19 @@ def test_ctrl_c_saves_a_checkpoint_then_stops(tmp_path):
     for (k, a), b in zip(m.raw_model(resumed).state_dict().items(),
                          m.raw_model(straight).state_dict().values()):
         assert torch.equal(a, b), k
+
+
+# -- the Inception preprocessing ------------------------------------------------------------------
+def test_inception_features_resize_scale_and_grey_to_rgb():
+    """inception_features feeds the model 3 x 299 x 299 images scaled as (x - 128) / 128 and
+    mean-pools spatial outputs; checked with a stand-in model (the real weights are optional)."""
+    seen = []
+
+    def stand_in(x):
+        seen.append(x)
+        return x.mean(dim=(2, 3), keepdim=True).expand(-1, -1, 2, 2)  # (N, 3, 2, 2)
+
+    flat = torch.full((3, 1, 28, 28), 64, dtype=torch.uint8)
+    feats = m.inception_features(stand_in, flat, batch=2)
+    assert [t.shape for t in seen] == [(2, 3, 299, 299), (1, 3, 299, 299)]
+    torch.testing.assert_close(feats, torch.full((3, 3), (64 - 128) / 128))
