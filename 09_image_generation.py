@@ -504,8 +504,11 @@ class NoiseEmbedding(nn.Module):
         self.fourier = nets06.GaussianFourierFeatures(dim, scale=scale, generator=0)
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, c_noise: Tensor) -> Tensor:
-        return self.mlp(self.fourier(c_noise))
+    def forward(self, c_noise: Tensor, cond: Tensor | None = None) -> Tensor:
+        features = self.fourier(c_noise)
+        if cond is not None:  # (N, dim), e.g. module 10's label embedding: the MLP mixes the
+            features = features + cond  # two, so a label's effect can depend on the noise level
+        return self.mlp(features)
 
 
 class ResidualBlock(nn.Module):
@@ -593,8 +596,11 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out.weight)  # start as F = 0, i.e. D(x) = c_skip x
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
-        emb = self.embed(c_noise)
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``cond`` (N, emb_dim), if given, is added to the Fourier features of the noise level
+        before the embedding's MLP: module 10 feeds a class-label embedding in this way, so that
+        every block knows the label too."""
+        emb = self.embed(c_noise, cond)
         h = self.stem(F.pixel_unshuffle(x, self.patch))
         kept = []
         for blocks, down in zip(self.down, self.downsample):
@@ -636,11 +642,11 @@ class Denoiser(nn.Module):
         c_in = 1 / (sigma**2 + sd2).sqrt()
         return c_skip, c_out, c_in, sigma.log() / 4
 
-    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
         x = x.float()  # the network computes in fp32 (or under the caller's autocast)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(len(x))
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        F_x = self.net(expand_to(c_in, x) * x, c_noise)
+        F_x = self.net(expand_to(c_in, x) * x, c_noise, cond)
         return expand_to(c_skip, x) * x + expand_to(c_out, x) * F_x.float()
 
 
@@ -1126,9 +1132,14 @@ def heun_sample(denoiser: Callable, shape, n_steps: int = 18, sigma_min: float =
 
 
 def sde_sample(denoiser: Callable, sde, sampler: str, shape, cfg: Config, generator=None,
-               device=None) -> Tensor:
+               device=None, step_hook: Callable | None = None) -> Tensor:
     """Module 08's EM, PC or probability-flow ODE sampler driven by ``denoiser``, plus the final
-    denoising step at the last time eps. Returns images (N, C, H, W)."""
+    denoising step at the last time eps. Returns images (N, C, H, W).
+
+    ``step_hook(x, t_next, i) -> x`` (EM and PC only) is module 08's: it may change the state
+    after every step (module 10 imposes measurements with it)."""
+    if step_hook is not None and sampler == "ode":
+        raise ValueError("step_hook works with the EM and PC samplers, not the ODE")
     score = score_fn(denoiser, sde)
     eps = 0.05 if isinstance(sde, sde_lib.VESDE) else 1e-3  # sigma_eps ~ 0.003 (VE), 0.01 (VP)
     x_T = sde.prior_sample(shape, generator=generator, device=device)
@@ -1139,7 +1150,7 @@ def sde_sample(denoiser: Callable, sde, sampler: str, shape, cfg: Config, genera
             if sampler == "euler_maruyama" else (cfg.pc_steps, 1, "reverse_diffusion")
         *_, x = sde_lib.pc_sample(sde, score, shape, n_steps=steps, predictor=predictor,
                                   corrector_steps=corrector, snr=cfg.snr, eps=eps,
-                                  generator=generator, x_T=x_T)
+                                  generator=generator, x_T=x_T, step_hook=step_hook)
     else:
         raise ValueError(f"unknown SDE sampler {sampler!r}")
     t_eps = torch.full((shape[0],), eps, device=x.device, dtype=x.dtype)
