@@ -68,6 +68,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    value = _parse(text, float, "a number")
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a non-negative finite number, got {text}")
+    return value
+
+
 def unit_interval(text: str) -> float:
     """argparse type: a float in [0, 1]."""
     value = _parse(text, float, "a number")
