@@ -448,7 +448,7 @@ def ism_loss(score_fn: ScoreFn, x: Tensor, reduction: str = "mean",
     return _reduce(per_sample, reduction)
 
 
-def dsm_loss(score_fn: ScoreFn, x: Tensor, sigma: float, noise: Tensor | None = None,
+def dsm_loss_unweighted(score_fn: ScoreFn, x: Tensor, sigma: float, noise: Tensor | None = None,
              generator: torch.Generator | None = None, reduction: str = "mean") -> Tensor:
     """J_DSM = 1/2 E_{x,z} | s_theta(x + sigma z) + z / sigma |^2 (Vincent 2011).
 
@@ -597,7 +597,7 @@ def target_2d() -> GaussianMixture:
     return GaussianMixture([0.5, 0.3, 0.2], means, covs)
 
 
-def gaussian_score(x: Tensor, mean: Tensor, precision: Tensor) -> Tensor:
+def gaussian_score_precision(x: Tensor, mean: Tensor, precision: Tensor) -> Tensor:
     """s(x) = -P (x - mu).  x: (N, D), mean: (D,), precision P: (D, D) symmetric -> (N, D)."""
     return -(x - mean) @ precision  # row form of -P (x - mu); P = P^T
 
@@ -1100,7 +1100,7 @@ def demo_stein_identity(run, cfg: Config) -> dict:
     prec_gauss = torch.linalg.inv(p.covariance())  # moment-matched Gaussian N(E[x], Cov[x])
 
     def score_gauss(z):
-        return gaussian_score(z, p.mean(), prec_gauss)
+        return gaussian_score_precision(z, p.mean(), prec_gauss)
 
     results = {}
     for name, f in TEST_FUNCTIONS.items():
@@ -1188,7 +1188,7 @@ def demo_dsm_vs_esm(run, cfg: Config) -> dict:
         model = target_1d(m2, extra_var=sigma**2).score
         exact["dsm"].append(dsm_loss_on_grid(model, x_grid, moments))
         exact["esm"].append((w_sigma * esm_loss(model, x_grid, p_sigma.score, "none")).sum())
-        dsm_n = dsm_loss(model, x0, sigma, noise=z, reduction="none")
+        dsm_n = dsm_loss_unweighted(model, x0, sigma, noise=z, reduction="none")
         esm_n = esm_loss(model, x_tilde, p_sigma.score, "none")
         mc["dsm"].append(dsm_n.mean())
         mc["esm"].append(esm_n.mean())
@@ -1308,8 +1308,8 @@ def demo_trace_cost(run, cfg: Config) -> dict:
         net = mlp_score_net(D)
         x = torch.randn(128, D, generator=run.generator)
         t_ism.append(time_loss_and_grad(lambda: ism_loss(net, x)))
-        t_dsm.append(time_loss_and_grad(lambda: dsm_loss(net, x, 0.5, generator=run.generator),
-                                        repeats=5))  # cheap: more repeats tame timer noise
+        t_dsm.append(time_loss_and_grad(  # cheap: more repeats tame timer noise
+            lambda: dsm_loss_unweighted(net, x, 0.5, generator=run.generator), repeats=5))
     dims, t_ism, t_dsm = np.array(cfg.cost_dims), np.array(t_ism), np.array(t_dsm)
 
     fig, ax = plt.subplots(figsize=(7, 4.8))

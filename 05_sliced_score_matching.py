@@ -46,7 +46,8 @@ MATHEMATICAL BACKGROUND:
 
 IMPLEMENTATION NOTES:
 - The exact-trace ISM loss, the DSM loss, the Fisher divergence and the MLP score network come
-  from module 02 (`load_module("02")`: ism_loss, dsm_loss, fisher_divergence, mlp_score_net);
+  from module 02 (`load_module("02")`: ism_loss, dsm_loss_unweighted, fisher_divergence,
+  mlp_score_net);
   this module adds the sliced losses beside them.
 - Sliced losses replicate each data point once per projection, so M projections still cost one
   backward pass (over an M times larger batch: the work grows like M), as in the SSM authors'
@@ -114,7 +115,7 @@ Tensor = torch.Tensor
 ScoreFn = Callable[[Tensor], Tensor]  # x: (N, D) -> s(x): (N, D)
 LossFn = Callable[[torch.nn.Module, Tensor], Tensor]  # (model, batch (N, D)) -> scalar loss
 
-sm02 = load_module("02")  # ism_loss, dsm_loss, fisher_divergence, mlp_score_net
+sm02 = load_module("02")  # ism_loss, dsm_loss_unweighted, fisher_divergence, mlp_score_net
 
 PROJECTIONS = ("gaussian", "rademacher")
 F64 = torch.float64  # for every comparison with a closed form
@@ -427,9 +428,10 @@ def jacobian(score_fn: ScoreFn, x: Tensor) -> Tensor:
 # ## 3.4 The sliced losses (Section 2.3)
 # `ssm_objective` returns one value per (projection, data point), which is what the tests and the
 # variance measurement need; `ssm_loss` draws the projections and averages, with the same
-# `reduction` convention as module 02's `ism_loss` and `dsm_loss`. Several projections per point
-# are handled by repeating each point once per projection, so the cost is still one backward
-# pass (over an M times larger batch: the work grows like M, but in one vectorised call).
+# `reduction` convention as module 02's `ism_loss` and `dsm_loss_unweighted`. Several
+# projections per point are handled by repeating each point once per projection, so the cost
+# is still one backward pass (over an M times larger batch: the work grows like M, but in one
+# vectorised call).
 
 # %%
 def ssm_objective(score_fn: ScoreFn, x: Tensor, v: Tensor, variance_reduced: bool = False,
@@ -551,8 +553,8 @@ def dsm_optimal_linear_model(target: GaussianMixture, sigma: float) -> tuple[Ten
 # noise lets it. Later modules can reuse it through `load_module("05")`.
 
 # %%
-def training_steps(model: torch.nn.Module, loss_fn: LossFn, sample_batch: Callable[[], Tensor],
-                   steps: int, lr: float,
+def timed_training_steps(model: torch.nn.Module, loss_fn: LossFn,
+                         sample_batch: Callable[[], Tensor], steps: int, lr: float,
                    desc: str = "training") -> Iterator[tuple[int, float, float]]:
     """Adam on ``loss_fn(model, sample_batch())`` for ``steps`` steps.
 
@@ -814,7 +816,7 @@ def fit_methods(cfg: Config, generator: torch.Generator) -> dict[str, LossFn]:
     }
     for sigma in cfg.dsm_sigmas:
         methods[f"DSM, sigma = {sigma:g}"] = (
-            lambda m, x, sigma=sigma: sm02.dsm_loss(m, x, sigma, generator=generator))
+            lambda m, x, sigma=sigma: sm02.dsm_loss_unweighted(m, x, sigma, generator=generator))
     return methods
 
 
@@ -838,8 +840,9 @@ def demo_fit_quality(run, cfg: Config, target: GaussianMixture) -> dict:
         model = linear_score_model(torch.zeros(D, D), zero)  # s = 0: every method starts here
         steps, fishers, seconds, losses = [0], [fisher_init], [0.0], []
         elapsed = 0.0  # training time only, not the evaluations
-        for step, loss, seconds_step in training_steps(model, loss_fn, lambda: sample_gaussian(
-                target, cfg.fit_batch, run.generator), cfg.fit_steps, cfg.fit_lr, desc=name):
+        batches = lambda: sample_gaussian(target, cfg.fit_batch, run.generator)
+        for step, loss, seconds_step in timed_training_steps(model, loss_fn, batches,
+                                                             cfg.fit_steps, cfg.fit_lr, desc=name):
             elapsed += seconds_step
             losses.append(loss)
             if step == 0 or (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.fit_steps:
@@ -943,7 +946,7 @@ def demo_cost_per_step(run, cfg: Config) -> dict:
             "ISM (exact trace)": lambda: sm02.ism_loss(net, x),
             "SSM": lambda: ssm_loss(net, x, generator=run.generator),
             "SSM-VR": lambda: ssm_vr_loss(net, x, generator=run.generator),
-            "DSM": lambda: sm02.dsm_loss(net, x, 0.5, generator=run.generator),
+            "DSM": lambda: sm02.dsm_loss_unweighted(net, x, 0.5, generator=run.generator),
         }
         for name, loss_fn in losses.items():
             def step():

@@ -39,10 +39,10 @@ MATHEMATICAL BACKGROUND:
 
 IMPLEMENTATION NOTES:
 - The building blocks (GaussianFourierFeatures, SinusoidalEmbedding, TimeConditionalScoreNet,
-  NoiseConditionalScoreNet, warmup_lr_lambda, train_step, training_loop, dsm_loss) are
-  what modules 07-09 reuse through load_module("06"). Networks take x: (N, D); the output
-  scaling broadcasts over x.ndim. The EMA of weights taught here, and `expand_to`, live in
-  common/training.py (modules 03-09 share them); this module imports them.
+  NoiseConditionalScoreNet, warmup_lr_lambda, optimizer_step, training_iterator,
+  conditional_dsm_loss) are what modules 07-09 reuse through load_module("06"). Networks
+  take x: (N, D); the output scaling broadcasts over x.ndim. The EMA of weights taught here,
+  and `expand_to`, live in common/training.py (modules 03-09 share them); this module imports them.
 - Everything is measured on a 2D mixture of eight Gaussians whose perturbed score is known in
   closed form at every sigma (common.datasets.GaussianMixture.perturbed_score): per-level loss
   floors, exact |score| curves, score errors and exact-score samples are all ground truth.
@@ -246,10 +246,16 @@ def ema_decay(text: str) -> float:
 # so by Jensen, at every $x$,
 # $|\mathbb{E}[-z/\sigma \mid x]|^2 \le \mathbb{E}[\,|z/\sigma|^2 \mid x]$, and averaging over
 # $x$ gives $\mathbb{E}|s^*_\sigma|^2 \le D/\sigma^2$. Equality needs $z$ to be
-# (nearly) determined by $x$, i.e. $\sigma$ comparable to the data's radius (~2-4 here): for our
-# mixture the exact curve runs roughly *parallel* to $\sqrt{D}/\sigma$ above $\sigma \approx 0.15$
-# (log-log slope about $-0.94$) but a fifth to a third below it (ratio 0.66-0.84 for
-# $0.2 \le \sigma \le 2.2$), and comes close (0.95) only at $\sigma = 4$.
+# (nearly) determined by $x$, which happens only when $\sigma$ is *much larger* than the data's
+# spread, so that $x = x_0 + \sigma z$ is mostly noise. For data of variance $v$ per coordinate,
+# the Gaussian formula below gives about $D/(\sigma^2 + v)$, a ratio
+# $\sigma/\sqrt{\sigma^2 + v}$ of the RMS $|s^*_\sigma|$ to $\sqrt{D}/\sigma$. Our mixture
+# (radius 2, std 0.15) has $v = 2^2/2 + 0.15^2 \approx 2.02$, a spread of about 1.4 per
+# coordinate, so the ratio is still 0.94 at $\sigma = 4$ (three spreads) and reaches 0.99 only
+# near $\sigma = 10$. Measured on the mixture: the exact curve runs roughly *parallel* to
+# $\sqrt{D}/\sigma$ above $\sigma \approx 0.15$ (log-log slope about $-0.94$) but a fifth to a
+# third below it (ratio 0.66-0.84 for $0.2 \le \sigma \le 2.2$), and comes close (0.95) only at
+# our largest level, $\sigma = 4$.
 # For Gaussian data $\mathcal{N}(m, C)$ it is exactly
 # $\mathbb{E}|s^*_\sigma|^2 = \operatorname{tr}\big((C + \sigma^2 I)^{-1}\big)$: this falls like
 # $D/\sigma^2$ when $\sigma^2$ exceeds the eigenvalues of $C$ and saturates at
@@ -581,12 +587,12 @@ class GeometricNoise:
 
 # %% [markdown]
 # ## 3.5 The loss: denoising score matching with weight $\lambda(\sigma)$ (Section 2.6)
-# `dsm_loss` returns one loss per sample, so that the caller can average it per level. It
-# takes the noise $z$ as an argument: evaluation can then reuse the same noise for two
+# `conditional_dsm_loss` returns one loss per sample, so that the caller can average it per
+# level. It takes the noise $z$ as an argument: evaluation can then reuse the same noise for two
 # networks (a paired comparison).
 
 # %%
-def dsm_loss(score_fn, x0: Tensor, sigma: Tensor, z: Tensor, cond: Tensor | None = None,
+def conditional_dsm_loss(score_fn, x0: Tensor, sigma: Tensor, z: Tensor, cond: Tensor | None = None,
              weighting: str = "sigma2") -> Tensor:
     """Per-sample DSM loss 1/2 lambda(sigma) |s(x0 + sigma z, c) + z / sigma|^2.
 
@@ -613,14 +619,14 @@ def per_level_mean(values: Tensor, level: Tensor, n_levels: int) -> Tensor:
 
 def noise_conditional_loss(model, x0: Tensor, sigmas: Tensor,
                            generator: torch.Generator | None = None, weighting: str = "sigma2"):
-    """NCSN training loss: a level i ~ U{1..L} and noise z per sample, then dsm_loss.
+    """NCSN training loss: a level i ~ U{1..L} and noise z per sample, then conditional_dsm_loss.
 
     x0: (N, D); sigmas: (L,). Returns (mean loss, {"level_loss": (L,) per-level means}).
     """
     n, L = x0.shape[0], len(sigmas)
     level = torch.randint(0, L, (n,), generator=generator)
     z = torch.randn(x0.shape, generator=generator).to(x0)
-    losses = dsm_loss(model, x0, sigmas[level].to(x0), z, weighting=weighting)
+    losses = conditional_dsm_loss(model, x0, sigmas[level].to(x0), z, weighting=weighting)
     return losses.mean(), {"level_loss": per_level_mean(losses.detach().cpu(), level, L)}
 
 
@@ -633,7 +639,7 @@ def time_conditional_loss(model, x0: Tensor, noise: GeometricNoise,
     t = torch.rand(x0.shape[0], generator=generator).to(x0)
     z = torch.randn(x0.shape, generator=generator).to(x0)
     sigma = noise.sigma(t)
-    losses = dsm_loss(model, x0, sigma, z, cond=t, weighting=weighting)
+    losses = conditional_dsm_loss(model, x0, sigma, z, cond=t, weighting=weighting)
     level = noise.nearest_level(sigma.detach().cpu())
     return losses.mean(), {"level_loss": per_level_mean(losses.detach().cpu(), level,
                                                         noise.n_levels)}
@@ -641,7 +647,7 @@ def time_conditional_loss(model, x0: Tensor, noise: GeometricNoise,
 
 # %% [markdown]
 # ## 3.6 Training strategies (Section 2.7): warm-up, clipping, EMA, and a loop to look inside
-# `training_loop` is a generator: it yields a dictionary per step (loss, gradient norm,
+# `training_iterator` is a generator: it yields a dictionary per step (loss, gradient norm,
 # learning rate, and whatever the loss function reports), so a caller can draw progress bars,
 # record per-level losses or evaluate the EMA weights without callbacks.
 
@@ -678,7 +684,7 @@ def warmup_lr_lambda(warmup_steps: int) -> Callable[[int], float]:
 # keep the plain form.
 
 # %%
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor,
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor,
                grad_clip: float | None = None) -> float:
     """Backpropagate ``loss``, clip the gradient's global norm to ``grad_clip``, step.
 
@@ -693,7 +699,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor,
     return float(norm)
 
 
-def training_loop(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
+def training_iterator(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
                   sample_batch: Callable[[], Tensor], n_steps: int, scheduler=None,
                   ema: EMA | None = None, grad_clip: float | None = None) -> Iterator[dict]:
     """Generator: train for n_steps, yielding one dictionary per step.
@@ -706,7 +712,7 @@ def training_loop(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
     for step in range(n_steps):
         loss, aux = loss_fn(model, sample_batch())
         lr = optimizer.param_groups[0]["lr"]  # the learning rate this step used
-        grad_norm = train_step(model, optimizer, loss, grad_clip)
+        grad_norm = optimizer_step(model, optimizer, loss, grad_clip)
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
@@ -786,7 +792,7 @@ def annealed_langevin(score_fn: NoiseScoreFn, x: Tensor, sigmas: Tensor, n_steps
     return x
 
 
-def exact_score_fn(data: GaussianMixture) -> NoiseScoreFn:
+def exact_noise_score_fn(data: GaussianMixture) -> NoiseScoreFn:
     """(x, sigma) -> grad log p_sigma(x) of the mixture, exact (all sigma in a batch equal)."""
     return lambda x, sigma: data.perturbed_score(x, float(sigma[0]))
 
@@ -1025,7 +1031,7 @@ def train_variant(run, cfg: Config, name: str, data: GaussianMixture, noise: Geo
 
     hist = {k: [] for k in ("loss", "grad_norm", "lr", "level_loss")}
     evals = {"step": [], **{k: [] for k in ["raw", *emas]}}
-    loop = training_loop(model, optimizer, loss_fn,
+    loop = training_iterator(model, optimizer, loss_fn,
                          lambda: data.sample(cfg.batch_size, gen, dtype=torch.float32),
                          cfg.train_steps, scheduler, emas["ema"], cfg.grad_clip)
     bar = tqdm(loop, total=cfg.train_steps, desc=f"training {name:15s}", mininterval=0.5)
@@ -1234,8 +1240,10 @@ def demo_training_strategies(run, cfg: Config, trained: dict) -> dict:
 # The dotted line is the RMS size of the DSM target,
 # $\sqrt{\mathbb{E}|z/\sigma|^2} = \sqrt{D}/\sigma$.
 # The exact curve (black) stays below it (Jensen, Section 2.5): roughly parallel to it above
-# $\sigma \approx 0.15$ (slope about $-0.94$) but a fifth to a third lower, meeting it only near
-# $\sigma = 4$, comparable to the data's radius; below $\sigma \approx 0.15$ it flattens, where
+# $\sigma \approx 0.15$ (slope about $-0.94$) but a fifth to a third lower, and it approaches it
+# only at the top level $\sigma = 4$, where the noise is about three times the data's spread
+# (1.4 per coordinate): they meet only where $\sigma$ is much larger than the data's spread
+# (Section 2.5); below $\sigma \approx 0.15$ it flattens, where
 # the perturbed score is the data's own score. The networks with output scaling track it at
 # every level; the one without it must learn a 30-fold range of output sizes, and its $|s|$
 # comes out too small at the small levels.
@@ -1391,7 +1399,7 @@ def demo_sample_quality(run, cfg: Config, trained: dict, data: GaussianMixture,
                                  cfg.step_ratio, gen)
 
     samples = {"data (floor)": data.sample(cfg.n_samples, torch.Generator().manual_seed(seed + 7)),
-               "exact score": sample(exact_score_fn(data), torch.float64)}
+               "exact score": sample(exact_noise_score_fn(data), torch.float64)}
     for name, result in tqdm(trained.items(), desc="annealed Langevin", mininterval=0.5):
         samples[f"{name}, EMA"] = sample(as_noise_score(name, result["ema_model"], noise))
         samples[f"{name}, raw"] = sample(as_noise_score(name, result["model"], noise))

@@ -907,8 +907,9 @@ def train_score_net(sde: SDE, data: GaussianMixture, cfg: Config, generator,
     def loss_fn(model, x0):
         return dsm_loss(model, sde, x0, generator=generator), {}
 
-    steps = nets.training_loop(net, opt, loss_fn, lambda: data.sample(cfg.batch_size, generator),
-                               cfg.train_steps, scheduler=warmup, ema=ema, grad_clip=1.0)
+    steps = nets.training_iterator(net, opt, loss_fn,
+                                   lambda: data.sample(cfg.batch_size, generator),
+                                   cfg.train_steps, scheduler=warmup, ema=ema, grad_clip=1.0)
     losses = []
     bar = tqdm(steps, total=cfg.train_steps, desc=f"train {desc}", leave=False)
     for info in bar:

@@ -28,7 +28,7 @@ def _spd(gen, D):
 
 def _mixture():
     """A 2D mixture with full covariances (the one of module 04)."""
-    return load_module("04").mixture_2d()
+    return load_module("04").triangle_mixture_2d()
 
 
 # -- 4.1 perturbed Gaussian score -------------------------------------------------------------
@@ -74,10 +74,11 @@ def check_scaled_dsm_loss(fn):
                      hint="evaluate the score at x~ = scale * x0 + sigma * z; the weighted "
                           "residual is sigma * s(x~) + z; average 1/2 |residual|^2 over the "
                           "batch", rtol=1e-10, atol=1e-12)
-    # for scale = 1 it is the module's dsm_loss
+    # for scale = 1 it is the module's dsm_loss_sigma2
     m = load_module("04")
-    assert_close(fn(_model_score, x0, 1.0, 0.3, z), m.dsm_loss(_model_score, x0, 0.3, noise=z),
-                 what="scale = 1 against dsm_loss of Section 3.1", rtol=1e-10, atol=1e-12)
+    assert_close(fn(_model_score, x0, 1.0, 0.3, z),
+                 m.dsm_loss_sigma2(_model_score, x0, 0.3, noise=z),
+                 what="scale = 1 against dsm_loss_sigma2 of Section 3.1", rtol=1e-10, atol=1e-12)
 
 
 def scaled_dsm_forgets_scale(score_fn, x0, scale, sigma, noise):
