@@ -595,18 +595,18 @@ def roll_sampler(generator: torch.Generator, device=None) -> Callable[[int], Ten
 #
 # The middle panel shows what the loss hides. By 2.4 the **excess loss** $L_\sigma - L^*_\sigma$,
 # divided by $\tfrac{\sigma^2}{2}\mathbb E|s_\sigma|^2$, is the relative error $R_\sigma$; but at
-# the end of training the excess loss is a fraction of the standard error of a 50-step loss
-# mean (the half-width of the shaded bands in the left panel), so the loss is far too noisy
-# to resolve it. We therefore plot $R_\sigma$ computed directly, from the learned and the exact score on
-# 4,096 held-out samples of $p_\sigma$. It falls by orders of magnitude while the loss barely
-# moves. It wiggles too, although its evaluation points are fixed: this time the *parameters*
-# jitter, because every Adam step follows the gradient of a different random minibatch. The
-# steady drop after about step 2,500 is the **cosine learning-rate decay** (dotted grey, right
-# axis): as the steps shrink, the jitter shrinks and the network settles. (With a constant
-# learning rate $R_\sigma$ keeps wiggling to the end, at a level set by the size of the last
-# steps; try it by replacing the scheduler in `training_steps`.) Note also that small
-# $\sigma$ trains to a *worse* $R_\sigma$: its gradients carry the least signal. The right panel
-# shows the losses of the two Swiss-roll networks of Section 4.5 (trained here too), whose
+# the end of training the excess loss is a fraction of the standard error of a 50-step loss mean
+# (the half-width of the shaded bands in the left panel), so the loss is far too noisy to resolve
+# it. We therefore plot $R_\sigma$ computed directly, from the learned and the exact score on 4,096
+# held-out samples of $p_\sigma$. It falls by orders of magnitude while the loss barely moves. It
+# wiggles too, although its evaluation points are fixed: this time the *parameters* jitter, because
+# every Adam step follows the gradient of a different random minibatch. The steady drop after about
+# step 2,500 is the **cosine learning-rate decay** (dotted grey, right axis): as the steps shrink,
+# the jitter shrinks and the network settles. (With a constant learning rate $R_\sigma$ keeps
+# wiggling to the end, at a level set by the size of the last steps; try it by replacing the
+# scheduler in `training_steps`.) Note also that small $\sigma$ trains to a *worse* $R_\sigma$: its
+# gradients carry the least signal. The right panel shows the losses of the two Swiss-roll networks
+# of Section 4.5 (trained here too), whose
 # floors we cannot know.
 
 # %%
@@ -707,8 +707,8 @@ def demo_training(run, cfg: Config, mix: GaussianMixture) -> dict:
 # line, bright outside, with grid errors several times lower inside (each panel's title and the
 # summary's first rows print both averages). At $\sigma = 0.05$ the map alone does not show it:
 # the components are narrow, much of the dashed region is their sparse rim, and the error
-# there is about as large as outside; only the grid averages show the difference. At larger $\sigma$ the dashed region grows,
-# the field becomes smooth, and the error falls almost everywhere.
+# there is about as large as outside; only the grid averages show the difference. At larger
+# $\sigma$ the dashed region grows, the field becomes smooth, and the error falls almost everywhere.
 
 # %%
 def demo_score_fields(run, cfg: Config, mix: GaussianMixture, nets: dict, errors: dict) -> dict:
@@ -815,8 +815,9 @@ def demo_error_vs_sigma(run, cfg: Config, mix: GaussianMixture, nets: dict,
 # In the second and third panels, each **arrow** starts at a noisy point $\tilde x$ and ends at
 # its denoised point (drawn for the first 40 points): the arrow is the denoising step
 # $\sigma^2 s(\tilde x)$, the score scaled by $\sigma^2$. The posterior mean does not return the
-# clean points (nobody can), it pulls each noisy point towards the component that most likely
-# produced it: the arrows point inwards and the clouds shrink. A point in a gap between
+# clean points (nobody can), it pulls each noisy point towards the components that could have
+# produced it, weighted by their posterior probabilities: the arrows point inwards and the
+# clouds shrink. A point in a gap between
 # components, whose origin is uncertain, lands in between: the posterior mean averages over
 # the candidate components. The arrows of the two panels agree. The last
 # panel compares mean squared errors against the clean points at every trained $\sigma$, as a
