@@ -606,8 +606,7 @@ def roll_sampler(generator: torch.Generator, device=None) -> Callable[[int], Ten
 # wiggling to the end, at a level set by the size of the last steps; try it by replacing the
 # scheduler in `training_steps`.) Note also that small $\sigma$ trains to a *worse* $R_\sigma$: its
 # gradients carry the least signal. The right panel shows the losses of the two Swiss-roll networks
-# of Section 4.5 (trained here too), whose
-# floors we cannot know.
+# of Section 4.5 (trained here too), whose floors we cannot know.
 
 # %%
 def block_mean(values: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
