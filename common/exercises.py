@@ -61,7 +61,10 @@ def _hint_lines(hint: str, formula: str, diagnosis: str = "") -> str:
 
 
 def _matches(actual: torch.Tensor, value, rtol: float, atol: float) -> bool:
-    value = torch.as_tensor(value).detach().double().cpu()
+    if isinstance(value, torch.Tensor):
+        value = value.detach().double().cpu()
+    else:  # a Python number or list: straight to float64 (float32 would lose digits)
+        value = torch.as_tensor(value, dtype=torch.float64)
     if tuple(value.shape) != tuple(actual.shape) or not torch.isfinite(value).all():
         return False
     return bool(((actual - value).abs() <= atol + rtol * value.abs()).all())
