@@ -1503,24 +1503,33 @@ def exercise_euler_ode_sampler(sde: SDE, score_fn: ScoreFn, x_T: Tensor, n_steps
 
 def exercise_ddpm_ancestral_step(x: Tensor, eps_pred: Tensor, beta_i: float, alpha_bar_i: float,
                                  sigma_i: float, z: Tensor) -> Tensor:
-    """Exercise 8.3: DDPM's ancestral sampling step, written with a noise predictor.
+    """Exercise 8.3: derive DDPM's ancestral sampling step from the score.
 
-    DDPM (Ho et al. 2020, Algorithm 2) steps from x_i to x_{i-1} with a network that predicts
-    the noise eps in x_i = sqrt(alpha_bar_i) x_0 + sqrt(1 - alpha_bar_i) eps. Derive the step
-    from the score-based view: with s = -eps_pred / sqrt(1 - alpha_bar_i) (Section 2.6), the
-    posterior mean of x_{i-1} is (x_i + beta_i s) / sqrt(1 - beta_i).
+    DDPM (Ho et al. 2020) adds noise one step at a time, x_i = sqrt(1 - beta_i) x_{i-1} +
+    sqrt(beta_i) z, and samples backwards with a network that predicts the noise eps in
+    x_i = sqrt(alpha_bar_i) x_0 + sqrt(1 - alpha_bar_i) eps. Its reverse step is
+        x_{i-1} = E[x_{i-1} | x_i] + sigma_i z.
+    Nothing below gives you E[x_{i-1} | x_i]: derive it.
+      (a) One forward step is the scaled-noise setting of exercise 4.3 (y = a x + b z). Use
+          Tweedie's formula there to write E[x_{i-1} | x_i] with the score of p_i at x_i.
+      (b) Write that score with the predicted noise eps_pred (Section 2.6: which noise level
+          does x_i carry, relative to x_0?).
+    The check runs your step on Gaussian data, where E[x_{i-1} | x_i] is known exactly by
+    Gaussian conditioning and eps_pred is the exact noise predictor; with sigma_i^2 the exact
+    posterior variance, your step must turn samples of p_i into samples of p_{i-1}.
 
     Args:
-        x, eps_pred, z: (N, D) the state, the predicted noise, fresh standard normal noise.
+        x, eps_pred, z: (N, D) the state x_i, the predicted noise, fresh standard normal noise.
         beta_i, alpha_bar_i: the schedule at step i; sigma_i: the std of the added noise.
     Returns:
         (N, D) x_{i-1}.
 
-    Example: x = 1, eps_pred = 0, beta_i = 0.19, z = 0: x_{i-1} = 1 / sqrt(0.81) = 1.1111.
+    Example: x = 1, eps_pred = 0, beta_i = 0.19, z = 0: x_{i-1} = 1 / sqrt(0.81) = 1.1111 (with
+    no predicted noise the step only undoes the shrinking by sqrt(1 - beta_i)).
 
-    Hint: substitute s into the posterior mean; the noise term is sigma_i z.
+    Hint: for (a), Tweedie for y = a x + b z reads E[x | y] = (y + b^2 grad log p(y)) / a.
     """
-    # TODO
+    # TODO: (a) and (b) on paper, then one line.
     raise NotImplementedError("Exercise 8.3: implement exercise_ddpm_ancestral_step")
 
 
