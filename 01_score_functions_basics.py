@@ -35,7 +35,7 @@ IMPLEMENTATION NOTES:
 Run:
     python 01_score_functions_basics.py          # figures go to outputs/01_score_functions_basics/
     python 01_score_functions_basics.py --quick  # a smaller Monte Carlo sample, a few seconds
-    pytest tests/test_01_exercises.py            # check your answers to the exercises
+    pytest tests/test_01_exercises.py -k your_answer  # check your answers
 
 References:
 - A. Hyvarinen (2005), Estimation of non-normalized statistical models by score matching. JMLR.
@@ -652,9 +652,11 @@ def demo_fisher_information(run, cfg: Config) -> dict:
 # # Section 5: Exercises
 #
 # Replace each `raise NotImplementedError` with your answer, then run
-# `pytest tests/test_01_exercises.py`. A skipped test means "not attempted yet"; a failure tells
-# you what was expected and what came back. Reference answers are in
-# `solutions/01_score_functions_basics.py`: try first, then compare.
+# `pytest tests/test_01_exercises.py -k your_answer`, which runs only the checks of your answers
+# (without `-k` the file also tests the reference solutions and the checks themselves). A
+# skipped test means "not attempted yet"; a failure says what is wrong and gives a hint, and
+# where a check knows the formula, `SBGM_SHOW_SOLUTION=1 pytest ...` shows it too. Reference
+# answers are in `solutions/01_score_functions_basics.py`: try first, then compare.
 
 # %%
 def exercise_student_t_score(x: Tensor, nu: float) -> Tensor:

@@ -68,7 +68,7 @@ Run:
     python 02_score_matching_theory.py --quick   # smaller samples and sweeps, about 7 s
     python 02_score_matching_theory.py --sigma 0.2 --n-mc 50000
     pytest tests/test_02_score_matching_theory.py   # the equations of this module, checked
-    pytest tests/test_02_exercises.py               # check your answers to the exercises
+    pytest tests/test_02_exercises.py -k your_answer  # check your answers
 
 References:
 - A. Hyvarinen (2005), Estimation of non-normalized statistical models by score matching. JMLR 6.
@@ -1335,9 +1335,11 @@ def demo_trace_cost(run, cfg: Config) -> dict:
 # # Section 5: Exercises
 #
 # Replace each `raise NotImplementedError` with your answer, then run
-# `pytest tests/test_02_exercises.py`. A skipped test means "not attempted yet"; a failure tells
-# you what was expected and what came back. Reference answers are in
-# `solutions/02_score_matching_theory.py`: try first, then compare.
+# `pytest tests/test_02_exercises.py -k your_answer`, which runs only the checks of your answers
+# (without `-k` the file also tests the reference solutions and the checks themselves). A
+# skipped test means "not attempted yet"; a failure says what is wrong and gives a hint, and
+# where a check knows the formula, `SBGM_SHOW_SOLUTION=1 pytest ...` shows it too. Reference
+# answers are in `solutions/02_score_matching_theory.py`: try first, then compare.
 
 # %%
 def exercise_cubic_ism_objective(x: Tensor, a: float, b: Tensor) -> Tensor:

@@ -89,7 +89,8 @@ IMPLEMENTATION NOTES:
 Run:
     python 04_denoising_score_matching.py           # figures: outputs/04_denoising_score_matching/
     python 04_denoising_score_matching.py --quick   # smoke run, about 15 s
-    pytest tests/test_04_denoising_score_matching.py tests/test_04_exercises.py
+    pytest tests/test_04_denoising_score_matching.py   # tests of the equations
+    pytest tests/test_04_exercises.py -k your_answer   # check your answers
 
 References:
 - P. Vincent (2011), A connection between score matching and denoising autoencoders. Neural
@@ -1076,9 +1077,11 @@ def demo_swiss_roll(run, cfg: Config, roll_nets: dict) -> dict:
 # # Section 5: Exercises
 #
 # Replace each `raise NotImplementedError` with your answer, then run
-# `pytest tests/test_04_exercises.py`. A skipped test means "not attempted yet"; a failure says
-# what was expected and what came back. Reference answers are in
-# `solutions/04_denoising_score_matching.py`: try first, then compare.
+# `pytest tests/test_04_exercises.py -k your_answer`, which runs only the checks of your answers
+# (without `-k` the file also tests the reference solutions and the checks themselves). A
+# skipped test means "not attempted yet"; a failure says what is wrong and gives a hint, and
+# where a check knows the formula, `SBGM_SHOW_SOLUTION=1 pytest ...` shows it too. Reference
+# answers are in `solutions/04_denoising_score_matching.py`: try first, then compare.
 
 # %%
 def exercise_perturbed_gaussian_score(x: Tensor, mean: Tensor, cov: Tensor,

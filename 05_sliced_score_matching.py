@@ -987,10 +987,11 @@ def demo_cost_per_step(run, cfg: Config) -> dict:
 # # Section 5: Exercises
 #
 # Replace each `raise NotImplementedError` with your answer, then run
-# `pytest tests/test_05_exercises.py -k your_answer`. A skipped test means "not attempted
-# yet"; a failure tells you what was expected, what came back, and what the mistake looks
-# like. Reference answers are in `solutions/05_sliced_score_matching.py`: try first, then
-# compare.
+# `pytest tests/test_05_exercises.py -k your_answer`, which runs only the checks of your answers
+# (without `-k` the file also tests the reference solutions and the checks themselves). A
+# skipped test means "not attempted yet"; a failure says what is wrong and gives a hint, and
+# where a check knows the formula, `SBGM_SHOW_SOLUTION=1 pytest ...` shows it too. Reference
+# answers are in `solutions/05_sliced_score_matching.py`: try first, then compare.
 
 # %%
 def exercise_sphere_projections(n: int, dim: int, generator: torch.Generator) -> Tensor:

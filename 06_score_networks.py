@@ -59,7 +59,7 @@ IMPLEMENTATION NOTES:
 Run:
     python 06_score_networks.py           # figures go to outputs/06_score_networks/
     python 06_score_networks.py --quick   # a smoke run (undertrained) of about 15 seconds
-    pytest tests/test_06_exercises.py     # check your answers to the exercises
+    pytest tests/test_06_exercises.py -k your_answer  # check your answers
     pytest tests/test_06_score_networks.py
 
 References:
@@ -1451,8 +1451,11 @@ def demo_sample_quality(run, cfg: Config, trained: dict, data: GaussianMixture,
 # # Section 5: Exercises
 #
 # Replace each `raise NotImplementedError` with your answer, then run
-# `pytest tests/test_06_exercises.py`. A skipped test means "not attempted yet"; a failure says
-# what was expected and what came back. Reference answers: `solutions/06_score_networks.py`.
+# `pytest tests/test_06_exercises.py -k your_answer`, which runs only the checks of your answers
+# (without `-k` the file also tests the reference solutions and the checks themselves). A
+# skipped test means "not attempted yet"; a failure says what is wrong and gives a hint, and
+# where a check knows the formula, `SBGM_SHOW_SOLUTION=1 pytest ...` shows it too. Reference
+# answers are in `solutions/06_score_networks.py`: try first, then compare.
 
 # %%
 def exercise_fourier_features(t: Tensor, W: Tensor) -> Tensor:

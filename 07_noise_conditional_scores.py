@@ -82,7 +82,8 @@ Run:
     python 07_noise_conditional_scores.py            # figures in outputs/07_noise_.../
     python 07_noise_conditional_scores.py --quick    # smoke run, about 13 s of CPU
     SBGM_DATA_DIR=/path/to/data python 07_noise_conditional_scores.py --images   # + MNIST
-    pytest tests/test_07_noise_conditional_scores.py tests/test_07_exercises.py
+    pytest tests/test_07_noise_conditional_scores.py   # tests of the equations
+    pytest tests/test_07_exercises.py -k your_answer   # check your answers
 
 References:
 - Y. Song and S. Ermon (2019). Generative modeling by estimating gradients of the data
@@ -1159,9 +1160,11 @@ def demo_images(run, cfg: Config, train) -> dict:
 # # Section 5: Exercises
 #
 # Replace each `raise NotImplementedError` with your answer, then run
-# `pytest tests/test_07_exercises.py`. A skipped test means "not attempted yet"; a failure
-# says what was expected and what came back. Reference answers:
-# `solutions/07_noise_conditional_scores.py`.
+# `pytest tests/test_07_exercises.py -k your_answer`, which runs only the checks of your answers
+# (without `-k` the file also tests the reference solutions and the checks themselves). A
+# skipped test means "not attempted yet"; a failure says what is wrong and gives a hint, and
+# where a check knows the formula, `SBGM_SHOW_SOLUTION=1 pytest ...` shows it too. Reference
+# answers are in `solutions/07_noise_conditional_scores.py`: try first, then compare.
 
 # %%
 def exercise_merge_sigma(distance: float) -> float:

@@ -68,7 +68,7 @@ IMPLEMENTATION NOTES:
 Run:
     python 08_score_sde.py            # everything, a few minutes on a laptop CPU
     python 08_score_sde.py --quick    # a smoke run of seconds
-    pytest tests/test_08_exercises.py # check your answers to the exercises
+    pytest tests/test_08_exercises.py -k your_answer  # check your answers
 
 References:
 - Y. Song, J. Sohl-Dickstein, D. P. Kingma, A. Kumar, S. Ermon, B. Poole (2021). Score-based
@@ -1451,8 +1451,12 @@ def demo_trained(run, cfg: Config, data: GaussianMixture, sdes: dict, exact: dic
 # %% [markdown]
 # # Section 5: Exercises
 #
-# Replace each `raise NotImplementedError` with your answer and run
-# `pytest tests/test_08_exercises.py`. Reference answers: `solutions/08_score_sde.py`.
+# Replace each `raise NotImplementedError` with your answer, then run
+# `pytest tests/test_08_exercises.py -k your_answer`, which runs only the checks of your answers
+# (without `-k` the file also tests the reference solutions and the checks themselves). A
+# skipped test means "not attempted yet"; a failure says what is wrong and gives a hint, and
+# where a check knows the formula, `SBGM_SHOW_SOLUTION=1 pytest ...` shows it too. Reference
+# answers are in `solutions/08_score_sde.py`: try first, then compare.
 
 # %%
 def exercise_prior_mismatch_kl(mean: Tensor, cov: Tensor, alpha_T: float,

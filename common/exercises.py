@@ -250,4 +250,5 @@ def print_exercises(namespace: dict, number: str) -> None:
     for name, summary in list_exercises(namespace):
         print(f"  - {name}: {summary}")
     print(f"Check your answers:  pytest tests/test_{number}_exercises.py -k your_answer")
-    print(f"(skipped = not attempted yet; reference solutions: solutions/{path.name})")
+    print(f"(skipped = not attempted yet; {SHOW_SOLUTION}=1 adds formulas to the hints; "
+          f"reference solutions: solutions/{path.name})")

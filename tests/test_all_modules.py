@@ -139,3 +139,33 @@ def test_no_chapter_uses_another_chapters_script_steps():
             used = re.findall(rf"\b{alias}\.(\w+)", text)
             bad = sorted({name for name in used if is_script_step(name)})
             assert not bad, f"{path.name} uses another chapter's script steps {bad} via {alias}"
+
+
+@pytest.mark.parametrize("number", CHAPTERS)
+def test_exercise_checks_are_complete_and_selectable(number):
+    """Every chapter's exercise tests guard that each exercise has a check; the command the
+    chapter gives learners, `-k your_answer`, can select only `test_your_answer` there (no other
+    test of that file has "your_answer" in its name); the chapter prints that command."""
+    path = ROOT / "tests" / f"test_{number}_exercises.py"
+    text = path.read_text()
+    assert "def test_every_exercise_in_the_module_is_checked" in text, path.name
+    assert set(re.findall(r"\w*your_answer\w*", text)) == {"test_your_answer"}, path.name
+    if number != "09":  # 09's text is left as it is (it names the command in its Section 5)
+        source = open(load_module(number).__file__).read()
+        assert f"pytest tests/test_{number}_exercises.py -k your_answer" in source
+
+
+@pytest.mark.ch03
+def test_learner_command_runs_only_the_learners_checks():
+    """The command chapter 03 prints, run for real: only test_your_answer cases are collected."""
+    import subprocess
+
+    path = ROOT / "tests" / "test_03_exercises.py"
+    out = subprocess.run([sys.executable, "-m", "pytest", str(path), "-k", "your_answer",
+                          "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=ROOT,
+                         capture_output=True, text=True).stdout
+    names = sorted(name for name, _ in list_exercises(vars(load_module("03"))))
+    selected = sorted(re.findall(r"::test_your_answer\[(\w+)\]", out))
+    others = [line for line in out.splitlines()
+              if "::" in line and "::test_your_answer[" not in line]
+    assert selected == names and not others, out
