@@ -695,22 +695,42 @@ def demo_training(run, cfg: Config, mix: GaussianMixture) -> dict:
 # %% [markdown]
 # ## 4.2 The learned score beside the exact perturbed score, and where it is wrong
 # Each row is one noise level. Left: the exact score $\nabla\log p_\sigma$ over the perturbed
-# density; middle: the network's field; right: the pointwise **squared** relative error
-# $|s_\theta - s_\sigma|^2 / |s_\sigma|^2$ on a log scale (the summand of the grid errors of
-# Section 2.4, whose inside and outside values are in the titles), with the boundary of the
-# 99% highest-density region dashed. (Arrow lengths are clipped, so compare directions, and
-# isolated bright pixels mark points where the exact score itself is zero, at the modes and
-# saddles, so any error is infinitely "relative".) The clearest feature at every $\sigma$ is
-# the bright **ridges between components**, where the exact field flips from pointing at one
-# component to pointing at another; at small $\sigma$ no training point goes there. From
-# $\sigma = 0.2$ up the map also shows the inside/outside split: mostly dark inside the dashed
+# density; middle: the network's *error* $s_\theta - s_\sigma$ as arrows on the same length scale as
+# the left panel (the learned field itself is indistinguishable from the exact one by eye where it
+# matters, so we draw what differs: a short arrow is a small error, one as long as its neighbour on
+# the left is an error as large as the score); right: the pointwise **squared** relative error
+# $|s_\theta - s_\sigma|^2 / |s_\sigma|^2$ on a log scale (the summand of the grid errors of Section
+# 2.4, whose inside and outside values are in the titles), with the boundary of the 99%
+# highest-density region dashed. (Arrow lengths are clipped at the 80% quantile of the exact field's
+# lengths in both panels, and isolated bright pixels mark points where the exact score itself is
+# zero, at the modes and saddles, so any error is infinitely "relative".) The clearest feature at
+# every $\sigma$ is the bright **ridges between components**, where the exact field flips from
+# pointing at one component to pointing at another; at small $\sigma$ no training point goes there.
+# From $\sigma = 0.2$ up the map also shows the inside/outside split: mostly dark inside the dashed
 # line, bright outside, with grid errors several times lower inside (each panel's title and the
-# summary's first rows print both averages). At $\sigma = 0.05$ the map alone does not show it:
-# the components are narrow, much of the dashed region is their sparse rim, and the error
-# there is about as large as outside; only the grid averages show the difference. At larger
-# $\sigma$ the dashed region grows, the field becomes smooth, and the error falls almost everywhere.
+# summary's first rows print both averages). At $\sigma = 0.05$ the map alone does not show it: the
+# components are narrow, much of the dashed region is their sparse rim, and the error there is about
+# as large as outside; only the grid averages show the difference. At larger $\sigma$ the dashed
+# region grows, the field becomes smooth, and the error falls almost everywhere.
 
 # %%
+def plot_error_field(ax, learned: ScoreFn, exact: ScoreFn, n_arrows: int) -> None:
+    """Arrows of learned - exact on the grid of ``plot_score_field``, with its length scale.
+
+    Both fields are scaled as the exact field is in the left panel: the 80% quantile of |exact|
+    spans 0.9 grid cells, and every arrow is capped at that length.
+    """
+    X, Y, points = grid_points(BOX, BOX, n_arrows)
+    exact_s = exact(points)
+    err = (learned(points) - exact_s).numpy()
+    cap = np.quantile(exact_s.norm(dim=1).numpy(), 0.8)
+    norm = np.linalg.norm(err, axis=1, keepdims=True)
+    err = err * np.minimum(1.0, cap / np.maximum(norm, 1e-12))
+    cell = (BOX[1] - BOX[0]) / (n_arrows - 1)
+    ax.quiver(X, Y, err[:, 0].reshape(X.shape), err[:, 1].reshape(X.shape), color="tab:red",
+              angles="xy", scale_units="xy", scale=cap / (0.9 * cell), width=0.004)
+
+
 def demo_score_fields(run, cfg: Config, mix: GaussianMixture, nets: dict, errors: dict) -> dict:
     n_rows = len(cfg.sigmas)
     fig, axes = plt.subplots(n_rows, 3, figsize=(13.5, 4.3 * n_rows), squeeze=False)
@@ -718,11 +738,15 @@ def demo_score_fields(run, cfg: Config, mix: GaussianMixture, nets: dict, errors
     for row, sigma in zip(axes, cfg.sigmas):
         perturbed = mix.perturbed(sigma)
         learned = as_score_fn_no_grad(nets[sigma])
-        for ax, field, what in ((row[0], perturbed.score, "exact $\\nabla \\log p_\\sigma$"),
-                                (row[1], learned, "learned $s_\\theta$")):
+        for ax in row[:2]:
             plot_density(ax, perturbed.log_prob, BOX, BOX, n_grid=cfg.grid)
-            plot_score_field(ax, field, BOX, BOX, n_arrows=cfg.arrows, clip_quantile=0.8)
-            ax.set_title(f"$\\sigma$ = {sigma:g}: {what}\n(shading: density $p_\\sigma$)")
+        plot_score_field(row[0], perturbed.score, BOX, BOX, n_arrows=cfg.arrows,
+                         clip_quantile=0.8)
+        row[0].set_title(f"$\\sigma$ = {sigma:g}: exact $\\nabla \\log p_\\sigma$\n"
+                         "(shading: density $p_\\sigma$)")
+        plot_error_field(row[1], learned, perturbed.score, cfg.arrows)
+        row[1].set_title(f"$\\sigma$ = {sigma:g}: error $s_\\theta - \\nabla \\log p_\\sigma$\n"
+                         "(same arrow scale as the left panel)")
         exact = perturbed.score(grid)
         # pointwise squared relative error |s_theta - s_sigma|^2 / |s_sigma|^2 (the summand of
         # the regional errors in the title), clamped to the colour range
@@ -928,12 +952,12 @@ def demo_tweedie(run, cfg: Config, mix: GaussianMixture, nets: dict) -> dict:
 # that is stable near the roll is not stable there (module 03's stability limit). It is the
 # low-density failure of Section 2.6 in its most drastic form.)
 #
-# The chains sample $p_\sigma$, a blurred roll, so we finish with one Tweedie step
-# $x \mapsto x + \sigma^2 s_\theta(x)$, which moves each sample to the posterior mean
-# $\mathbb E[x \mid \tilde x]$: the average of the clean points that could have produced it,
-# weighted by how likely each is to have done so (not the single most likely clean point,
-# which would be the posterior *mode*). The first column shows the learned score's
-# *direction* (unit arrows, drawn over the data): everywhere it points back to the nearest arm.
+# The chains sample $p_\sigma$, a blurred roll, so we finish with one Tweedie step $x \mapsto x +
+# \sigma^2 s_\theta(x)$, which moves each sample to the posterior mean $\mathbb E[x \mid \tilde x]$:
+# the average of the clean points that could have produced it, weighted by how likely each is to
+# have done so (not the single most likely clean point, which would be the posterior *mode*). The
+# first column shows the learned score's *direction* (unit grey arrows, drawn under the data):
+# everywhere it points back to the nearest arm.
 #
 # We compare the samples with fresh data by the sliced Wasserstein distance (SW,
 # common/metrics), against 6 independent data draws of the same size: the titles give the mean
@@ -980,15 +1004,15 @@ def radius_histogram(ax, samples: Tensor, data: Tensor, label: str) -> None:
 
 
 def plot_directions(ax, score_fn: ScoreFn, lim: tuple[float, float], n_arrows: int) -> None:
-    """Unit arrows s/|s| on an n_arrows x n_arrows grid, drawn above everything else."""
+    """Unit arrows s/|s| on an n_arrows x n_arrows grid, light grey, under the data."""
     X, Y, points = grid_points(lim, lim, n_arrows)
     s = score_fn(points.to(F32)).double()
     u = (s / s.norm(dim=1, keepdim=True).clamp_min(1e-12)).numpy()  # direction only
     cell = (lim[1] - lim[0]) / (n_arrows - 1)
     ax.quiver(X, Y, u[:, 0].reshape(X.shape), u[:, 1].reshape(X.shape), angles="xy",
-              scale_units="xy", scale=1 / (0.7 * cell), width=0.004, color="k", zorder=3)
-    # a quiver's own legend entry is a black box: an arrow glyph as a stand-in
-    ax.plot([], [], color="k", lw=0, marker="$\\longrightarrow$", markersize=4,
+              scale_units="xy", scale=1 / (0.7 * cell), width=0.004, color="0.55", zorder=1)
+    # a quiver's own legend entry is a box: an arrow glyph as a stand-in
+    ax.plot([], [], color="0.55", lw=0, marker="$\\longrightarrow$", markersize=4,
             label="direction of $s_\\theta$ (unit arrows)")
 
 
@@ -1045,8 +1069,8 @@ def demo_swiss_roll(run, cfg: Config, roll_nets: dict) -> dict:
                               "tweedie_step": (denoised - samples).square().sum(1).mean()
                               .sqrt().item()}
         ax = row[0]
-        ax.scatter(*data[:1000].T.numpy(), s=2, color="tab:green", alpha=0.5, label="data",
-                   zorder=2)
+        ax.scatter(*data[:1000].T.numpy(), s=3, color="tab:green", alpha=0.9, label="data",
+                   zorder=3)  # on top of the arrows
         plot_directions(ax, as_score_fn_no_grad(net), lim, cfg.arrows + 4)
         ax.set_title(f"$\\sigma$ = {sigma:g}: learned score $s_\\theta$ over data")
         step_size, n_steps = langevin_steps_for(sigma, cfg)

@@ -1122,6 +1122,27 @@ def moving_average(a: np.ndarray, window: int) -> np.ndarray:
 # shows which levels are still being learned.
 
 # %%
+def label_curve_ends(ax, x_end: float, ys, labels, colors, min_gap: float = 11.0) -> None:
+    """Write each curve's label just right of its last point, in the curve's colour.
+
+    Labels closer than ``min_gap`` pixels are pushed apart (keeping their order) and joined to
+    their curve's end by a thin line, so ten curves stay readable without a legend to decode.
+    """
+    ax.figure.canvas.draw()  # constrained layout: the axes get their final position here
+    to_px = ax.transData
+    points = [(to_px.transform((x_end, y))[1], y, lab, c)
+              for y, lab, c in zip(ys, labels, colors) if np.isfinite(y)]
+    points.sort(key=lambda item: item[0])
+    placed = []
+    for py, *_ in points:
+        placed.append(max(py, placed[-1] + min_gap) if placed else py)
+    for (py, y, lab, c), qy in zip(points, placed):
+        # the label 8 pixels right of the curve's end, shifted vertically by qy - py pixels
+        ax.annotate(lab, xy=(x_end, y), xytext=(8, qy - py), textcoords="offset pixels",
+                    color=c, fontsize=8, va="center", ha="left", annotation_clip=False,
+                    arrowprops=dict(arrowstyle="-", color=c, lw=0.5, shrinkA=0, shrinkB=0))
+
+
 def demo_loss_per_level(run, cfg: Config, full: dict, data: GaussianMixture,
                         noise: GeometricNoise) -> dict:
     # floors 1/2 (D - sigma^2 E|s*|^2) from many exact scores: sigma^2 amplifies their noise
@@ -1133,16 +1154,20 @@ def demo_loss_per_level(run, cfg: Config, full: dict, data: GaussianMixture,
     window = max(1, min(100, cfg.train_steps // 10))
     smooth = moving_average(hist["level_loss"], window)  # (steps, L)
     steps = np.arange(1, len(smooth) + 1)
-    colors = plt.cm.viridis(np.linspace(0, 0.95, len(sigmas)))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    # Ten levels: distinct colours (not a smooth colour map, whose neighbours look alike), the
+    # same colour for a level in every panel, and each curve labelled at its end.
+    colors = [plt.cm.tab10(i % 10) for i in range(len(sigmas))]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
     for i, (sigma, c) in enumerate(zip(sigmas, colors)):
         label = f"$\\sigma$ = {sigma:.3g}"
         axes[0].plot(steps, smooth[:, i], color=c, label=label)
-        axes[0].axhline(floors[i].item(), color=c, ls="--", lw=0.8)
+        # the floor as a dashed line over the last tenth of the run, where the curve ends
+        axes[0].plot([0.9 * steps[-1], steps[-1]], [floors[i].item()] * 2, color=c, ls="--",
+                     lw=1.2)
         axes[1].plot(steps, smooth[:, i] / sigma**2, color=c, label=label)
         axes[2].plot(evals["step"], evals["ema"][:, i], color=c, label=label)
     axes[0].set_ylim(0, max(1.05, 1.03 * float(np.nanmax(smooth))))  # the start is above D/2
-    axes[0].set_title("$\\sigma^2$-weighted loss per level (dashed: exact floor)")
+    axes[0].set_title("$\\sigma^2$-weighted loss per level (dashes at the end: exact floor)")
     axes[0].set_ylabel(r"$\frac{1}{2}\,\mathbb{E}|\sigma s_\theta + z|^2$")
     axes[1].set_yscale("log")
     axes[1].set_title("The same without the weight: $\\ell / \\sigma^2$")
@@ -1150,10 +1175,16 @@ def demo_loss_per_level(run, cfg: Config, full: dict, data: GaussianMixture,
     axes[2].set_yscale("log")
     axes[2].set_title("Excess over the floor (validation, EMA weights)")
     axes[2].set_ylabel(r"$\frac{1}{2}\sigma^2\,\mathbb{E}|s_\theta - s^*_\sigma|^2$")
+    labels = [f"{sigma:.3g}" for sigma in sigmas]
     for ax in axes:
         ax.set_xlabel("training step")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
                ncol=len(sigmas), fontsize=8)
+    for ax in axes:
+        ax.margins(x=0.12)  # room for the end labels inside each panel
+    label_curve_ends(axes[0], steps[-1], smooth[-1], labels, colors)
+    label_curve_ends(axes[1], steps[-1], smooth[-1] / sigmas**2, labels, colors)
+    label_curve_ends(axes[2], evals["step"][-1], evals["ema"][-1], labels, colors)
     run.save(fig, "loss_per_level")
     last = hist["level_loss"][-window:]  # (window, L) per-step means, NaN if a level was absent
     final = np.nanmean(last, axis=0)  # last-window training loss of each level
