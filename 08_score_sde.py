@@ -1298,10 +1298,11 @@ def demo_reverse_trajectories(run, cfg: Config, data: GaussianMixture, sdes: dic
 # solved as one system the tolerance holds for the batch on average, not for each point. With
 # `rtol = atol = 1e-5` the point $(-0.08, -0.08)$, at the centre of the ring where
 # $\log p \approx -80$, is off by 0.09 nats in the batch solve but by 0.0008 when solved alone.
-# Averages such as bits/dim do not care; for a per-point map we tighten the tolerance to
-# $10^{-7}$ (about 1 s more here; solving in chunks of 40 points costs 7x more and is still
-# worse). What is left, a few $10^{-3}$ nats at the centre, is not solver error: we integrate
-# from $\varepsilon = 10^{-5}$ and so compute $\log p_\varepsilon$, which differs from
+# Averages such as bits/dim do not care; for a per-point map we tighten the tolerance to $10^{-7}$
+# (more solver steps: the middle panel's title gives the NFE; solving in small chunks instead costs
+# several times more and is still worse). What is left, a few $10^{-3}$ nats at the centre, is not
+# solver error: we integrate from $\varepsilon = 10^{-5}$ and so compute $\log p_\varepsilon$, which
+# differs from
 # $\log p_0$ by 0.004 nats at the origin. (Sampling stops at the larger $\varepsilon = 10^{-3}$,
 # score_sde's choice: there $\sigma_t$ is at most 0.0105 (VP; 0.0012 for VE, 0.0001 for
 # sub-VP), so the samples keep an extra noise of at most 0.0105 next to the modes' width 0.15,
