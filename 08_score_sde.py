@@ -1302,14 +1302,13 @@ def demo_reverse_trajectories(run, cfg: Config, data: GaussianMixture, sdes: dic
 # (more solver steps: the middle panel's title gives the NFE; solving in small chunks instead costs
 # several times more and is still worse). What is left, a few $10^{-3}$ nats at the centre, is not
 # solver error: we integrate from $\varepsilon = 10^{-5}$ and so compute $\log p_\varepsilon$, which
-# differs from
-# $\log p_0$ by 0.004 nats at the origin. (Sampling stops at the larger $\varepsilon = 10^{-3}$,
-# score_sde's choice: there $\sigma_t$ is at most 0.0105 (VP; 0.0012 for VE, 0.0001 for
-# sub-VP), so the samples keep an extra noise of at most 0.0105 next to the modes' width 0.15,
-# under 0.5% of their variance and invisible; the last steps below $10^{-3}$ would buy nothing,
-# and a learned network is never asked for its score at the smallest times, where it is least
-# reliable. Likelihoods and training go down to $10^{-5}$ because there the small offset
-# between $p_\varepsilon$ and $p_0$ is what we measure.)
+# differs from $\log p_0$ by 0.004 nats at the origin. (Sampling stops at the larger $\varepsilon =
+# 10^{-3}$, score_sde's choice: there $\sigma_t$ is at most 0.0105 (VP; 0.0012 for VE, 0.0001 for
+# sub-VP), so the samples keep an extra noise of at most 0.0105 next to the modes' width 0.15, under
+# 0.5% of their variance and invisible; the last steps below $10^{-3}$ would buy nothing, and a
+# learned network is never asked for its score at the smallest times, where it is least reliable.
+# Likelihoods and training go down to $10^{-5}$ because there the small offset between
+# $p_\varepsilon$ and $p_0$ is what we measure.)
 
 # %%
 GAUSS_MEAN = [0.5, -0.3]
