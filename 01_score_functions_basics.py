@@ -35,7 +35,7 @@ IMPLEMENTATION NOTES:
 Run:
     python 01_score_functions_basics.py          # figures go to outputs/01_score_functions_basics/
     python 01_score_functions_basics.py --quick  # a smaller Monte Carlo sample, a few seconds
-    pytest tests/test_01_exercises.py            # check your answers to the exercises
+    pytest tests/test_01_exercises.py -k your_answer  # check your answers
 
 References:
 - A. Hyvarinen (2005), Estimation of non-normalized statistical models by score matching. JMLR.
@@ -166,7 +166,13 @@ def make_parser():
 # Raising a density to a power and renormalising, $p_\beta = p^\beta / Z_\beta$, gives
 # $\log p_\beta = \beta \log p - \log Z_\beta$, so its score is $s_\beta(x) = \beta\, s(x)$.
 # $\beta > 1$ sharpens the modes, $\beta < 1$ flattens them. Tempering is the simplest way to
-# trade diversity for fidelity when sampling, and it returns in module 10 as the guidance scale.
+# trade diversity for fidelity when sampling. Module 10's guidance shares the idea of
+# sharpening by raising a density to a power, but it raises a *different* density: classifier
+# guidance samples $p(x)\, p(y \mid x)^w$, with score $s(x) + w \nabla_x \log p(y \mid x)$, and
+# classifier-free guidance uses $(1 + w)\, s(x, y) - w\, s(x)$, the score of
+# $p(x \mid y)^{1+w} / p(x)^w$. Tempering multiplies the whole score by $\beta$; guidance
+# multiplies only the class-dependent part by $w$ and leaves the data density's own score at
+# weight one, so it sharpens towards the class, not towards the modes of $p$.
 #
 # ## 2.8 Two identities: the score has mean zero, and its covariance is the Fisher information
 # $$ \mathbb{E}_p[s(x)] = \int p \,\frac{\nabla p}{p}\, dx = \int \nabla p\, dx = 0, $$
@@ -508,8 +514,15 @@ def demo_score_magnitude(run, cfg: Config) -> dict:
 # the 1D mixture. $p^\beta$ (renormalised on
 # the grid) sharpens for $\beta > 1$ and flattens for $\beta < 1$, and its score is $\beta$ times
 # the original: the zero crossings (modes and trough) stay put, the slopes scale. Note that
-# tempering also moves *mass* between the modes: with $\beta = 3$ the heavier bump takes almost
-# everything. Relative mode weights are fragile, a theme of modules 03 and 07.
+# tempering also moves *mass* between the modes: the summary prints the mass right of the
+# trough, the heavier bump's share, for each $\beta$; it rises from the mixture weight 0.70
+# at $\beta = 1$ to about 0.83 at $\beta = 3$ and falls towards one half at $\beta = 0.3$.
+# Relative mode weights are fragile, a theme of modules 03 and 07.
+#
+# The arrows in the left panel have their lengths capped at the 25% quantile of $|s|$: these
+# components are narrow, so $|s|$ changes a hundredfold across the panel, and with a higher
+# cap the arrows near the modes would shrink below a pixel. Away from the modes every arrow
+# then has the same length, and only its direction carries information.
 
 # %%
 AFFINE_A = torch.tensor([[1.2, 0.8], [-0.3, 0.6]], dtype=DTYPE)
@@ -529,10 +542,15 @@ def demo_affine_and_tempering(run, cfg: Config) -> dict:
     xlim, ylim = (-5, 5), (-3.5, 3.5)
     plot_density(ax_a, pushed.log_prob, xlim, ylim, n_grid=cfg.grid)
     # Thick orange under thin black: where they agree, each black arrow has an orange halo.
-    plot_score_field(ax_a, pushed.score, xlim, ylim, n_arrows=cfg.arrows, color="tab:orange",
-                     label="exact score of y", width=0.010)
-    plot_score_field(ax_a, score_y, xlim, ylim, n_arrows=cfg.arrows, color="k",
-                     label="$A^{-T} s_X(A^{-1}(y - b))$", width=0.003)
+    # The pushed components are narrow, so |s| spans a factor of ~100 over the panel: capping the
+    # lengths at the 25% quantile (not 90%) keeps the arrows near the modes visible; directions
+    # stay exact everywhere.
+    n_arrows = (cfg.arrows + 1) // 2 + 2
+    for score, color, label, width in (
+            (pushed.score, "tab:orange", "exact score of y", 0.012),
+            (score_y, "k", "$A^{-T} s_X(A^{-1}(y - b))$", 0.004)):
+        plot_score_field(ax_a, score, xlim, ylim, n_arrows=n_arrows, color=color, label=label,
+                         width=width, clip_quantile=0.25)
     ax_a.set_xlabel("$y_1$")
     ax_a.set_ylabel("$y_2$")
     ax_a.set_title("y = A x + b: shading is the density of y")
@@ -542,9 +560,16 @@ def demo_affine_and_tempering(run, cfg: Config) -> dict:
     mix1 = example_mixture_1d()
     dx = (x[1] - x[0]).item()
     tempering_error = 0.0
+    # The trough between the bumps: the density's minimum between the two means. p^beta has its
+    # minimum at the same point (a power is monotone), so one cut serves every beta.
+    between = (x[:, 0] > mix1.means[0, 0]) & (x[:, 0] < mix1.means[1, 0])
+    trough = x[between][mix1.log_prob(x[between]).argmin(), 0].item()
+    heavy_mass = {}
     for beta in BETAS:
         log_unnorm = beta * mix1.log_prob(x)  # log p^beta, unnormalised
         density = log_unnorm.exp() / (log_unnorm.exp().sum() * dx)  # renormalise on the grid
+        # mass of p^beta / Z_beta right of the trough: the heavier bump (weight 0.7 at beta = 1)
+        heavy_mass[beta] = (density[x[:, 0] > trough].sum() * dx).item()
         ax_p.plot(x[:, 0], density, label=f"beta = {beta:g}")
         s_beta = tempered_score(mix1.score, beta)(x)
         ax_s.plot(x[:, 0], s_beta[:, 0], label=f"beta = {beta:g}")
@@ -561,7 +586,8 @@ def demo_affine_and_tempering(run, cfg: Config) -> dict:
     ax_s.set_title("Their scores: beta * s(x)")
     ax_s.legend()
     run.save(fig, "affine_and_tempering")
-    return {"affine_error": affine_error, "tempering_error": tempering_error}
+    return {"affine_error": affine_error, "tempering_error": tempering_error,
+            "trough": trough, "heavy_mass": heavy_mass}
 
 
 # %% [markdown]
@@ -626,9 +652,11 @@ def demo_fisher_information(run, cfg: Config) -> dict:
 # # Section 5: Exercises
 #
 # Replace each `raise NotImplementedError` with your answer, then run
-# `pytest tests/test_01_exercises.py`. A skipped test means "not attempted yet"; a failure tells
-# you what was expected and what came back. Reference answers are in
-# `solutions/01_score_functions_basics.py`: try first, then compare.
+# `pytest tests/test_01_exercises.py -k your_answer`, which runs only the checks of your answers
+# (without `-k` the file also tests the reference solutions and the checks themselves). A
+# skipped test means "not attempted yet"; a failure says what is wrong and gives a hint, and
+# where a check knows the formula, `SBGM_SHOW_SOLUTION=1 pytest ...` shows it too. Reference
+# answers are in `solutions/01_score_functions_basics.py`: try first, then compare.
 
 # %%
 def exercise_student_t_score(x: Tensor, nu: float) -> Tensor:
@@ -783,6 +811,10 @@ def main(argv=None):
          "small, not 0: modes sit slightly off the means"),
         ("affine map: A^-T s_X(A^-1(y-b)) vs exact", f"{r['affine_error']:.1e}", "< 1e-12"),
         ("tempering: beta s vs autograd of beta log p", f"{r['tempering_error']:.1e}", "< 1e-12"),
+        (f"tempering: mass of p^beta right of the trough (x > {r['trough']:.2f}), "
+         + ", ".join(f"beta={b:g}" for b in r["heavy_mass"]),
+         ", ".join(f"{m:.2f}" for m in r["heavy_mass"].values()),
+         "grows with beta; 0.70 (the mixture weight) at beta = 1"),
         (f"E_p[s], Gaussian (N = {cfg.mc_samples})",
          "[" + ", ".join(f"{v:+.4f}" for v in r["mean_score"]) + "]",
          f"[0, 0]; deviation {r['mean_dev']:.1f} std. errors (< 3 expected)"),

@@ -73,7 +73,8 @@ IMPLEMENTATION NOTES:
 Run:
     python 03_langevin_dynamics.py            # full demonstration (~20 s CPU time, 2 cores)
     python 03_langevin_dynamics.py --quick    # smoke run (~8 s CPU time, torch import included)
-    pytest tests/test_03_langevin_dynamics.py tests/test_03_exercises.py
+    pytest tests/test_03_langevin_dynamics.py   # tests of the equations
+    pytest tests/test_03_exercises.py -k your_answer   # check your answers
 
 References:
 - G. O. Roberts and R. L. Tweedie (1996), Exponential convergence of Langevin distributions
@@ -1154,8 +1155,12 @@ def demo_mode_weights(run, cfg: Config) -> dict:
 # %% [markdown]
 # # Section 5: Exercises
 #
-# Check your answers with `pytest tests/test_03_exercises.py`. Reference answers are in
-# `solutions/03_langevin_dynamics.py`; try first.
+# Replace each `raise NotImplementedError` with your answer, then run
+# `pytest tests/test_03_exercises.py -k your_answer`, which runs only the checks of your answers
+# (without `-k` the file also tests the reference solutions and the checks themselves). A
+# skipped test means "not attempted yet"; a failure says what is wrong and gives a hint, and
+# where a check knows the formula, `SBGM_SHOW_SOLUTION=1 pytest ...` shows it too. Reference
+# answers are in `solutions/03_langevin_dynamics.py`: try first, then compare.
 
 # %%
 def exercise_ula_variance_after_k_steps(variance0: float, variance: float, step_size: float,

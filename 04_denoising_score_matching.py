@@ -15,7 +15,9 @@ LEARNING OBJECTIVES:
   is easier to learn but describes a blurred version of the data.
 - Train on a Swiss roll and draw samples with Langevin dynamics using the learned score.
 - Denoise with Tweedie's formula E[x | x~] = x~ + sigma^2 grad log p_sigma(x~), and see that the
-  DSM loss is exactly the mean squared error of this denoiser divided by 2 sigma^2.
+  sigma^2-weighted DSM loss L_sigma = 1/2 E|sigma s_theta(x~) + z|^2 is exactly the mean squared
+  error of the denoiser x~ + sigma^2 s_theta(x~) divided by 2 sigma^2 (module 02's unweighted
+  loss is that error divided by 2 sigma^4).
 
 MATHEMATICAL BACKGROUND:
   Notation: data x ~ p on R^D (D is the dimension; D = 2 in every example here), noise
@@ -61,7 +63,7 @@ IMPLEMENTATION NOTES:
   noise level; conditioning one network on sigma is module 06's subject. Training draws a fresh
   batch of 512 data points every step (so the minimiser is exactly the perturbed score of the
   data distribution, not of a finite training set) and uses Adam with a cosine-decayed
-  learning rate. `dsm_loss`, `tweedie_denoise` and the `training_steps` loop are building
+  learning rate. `dsm_loss_sigma2`, `tweedie_denoise` and the `training_steps` loop are building
   blocks that later modules can reuse through `load_module("04")`.
 - Networks train in float32; every comparison with a closed form is computed in float64.
 - Langevin sampling reuses `langevin` from module 03 (`load_module("03")`). Every Swiss-roll
@@ -87,7 +89,8 @@ IMPLEMENTATION NOTES:
 Run:
     python 04_denoising_score_matching.py           # figures: outputs/04_denoising_score_matching/
     python 04_denoising_score_matching.py --quick   # smoke run, about 15 s
-    pytest tests/test_04_denoising_score_matching.py tests/test_04_exercises.py
+    pytest tests/test_04_denoising_score_matching.py   # tests of the equations
+    pytest tests/test_04_exercises.py -k your_answer   # check your answers
 
 References:
 - P. Vincent (2011), A connection between score matching and denoising autoencoders. Neural
@@ -282,10 +285,10 @@ def make_parser():
 # $L_\sigma(\theta) - L^*_\sigma$ is exactly $\tfrac{\sigma^2}{2} R_\sigma \mathbb E|s_\sigma|^2$:
 # the loss measures this density-weighted error and nothing else, so it barely notices errors
 # where $p_\sigma$ is small.
-# **Our pass threshold: $R_\sigma < 0.05$.** The default run passes it at every noise level
-# (measured: 0.018 at $\sigma = 0.05$, the hardest; 0.0055 at $\sigma = 0.2$; under 0.002
-# from $\sigma = 0.5$ up), and `tests/test_04_denoising_score_matching.py` checks it after the 300
-# steps of a `--quick` run at $\sigma = 0.5$ with seed 0 (which reaches about 0.02).
+# **Our pass threshold: $R_\sigma < 0.05$.** The first rows of the summary print $R_\sigma$ for
+# every trained $\sigma$ (the default run passes at every level, and the smallest $\sigma$ is the
+# hardest), and `tests/test_04_denoising_score_matching.py` checks the threshold after the 300
+# steps of a `--quick` run at $\sigma = 0.5$ with seed 0.
 #
 # To look *where* the network is wrong, we split the plotting box $[-4, 4]^2$ in two. Let
 # $c_\sigma$ be the 1% quantile of $p_\sigma(X)$ for $X \sim p_\sigma$; the **high-density
@@ -358,7 +361,7 @@ def make_parser():
 # network per $\sigma$.)
 
 # %%
-sm02 = load_module("02")  # mlp_score_net, and the unweighted dsm_loss (lambda = 1)
+sm02 = load_module("02")  # mlp_score_net, and dsm_loss_unweighted (lambda = 1)
 langevin03 = load_module("03")  # langevin: the unadjusted Langevin algorithm
 
 
@@ -367,7 +370,7 @@ def dsm_target(x_noisy: Tensor, x0: Tensor, sigma) -> Tensor:
     return -(x_noisy - x0) / expand_to(sigma, x0) ** 2
 
 
-def dsm_loss(score_fn: ScoreFn, x0: Tensor, sigma, noise: Tensor | None = None,
+def dsm_loss_sigma2(score_fn: ScoreFn, x0: Tensor, sigma, noise: Tensor | None = None,
              generator: torch.Generator | None = None, reduction: str = "mean") -> Tensor:
     """sigma^2-weighted DSM loss L_sigma = 1/2 E | sigma s(x0 + sigma z) + z |^2.
 
@@ -403,7 +406,7 @@ def tweedie_denoise(score_fn: ScoreFn, x_noisy: Tensor, sigma) -> Tensor:
 # callbacks.
 
 # %%
-def make_score_net(dim: int = 2, hidden: int = 128,
+def seeded_mlp_score_net(dim: int = 2, hidden: int = 128,
                    generator: torch.Generator | None = None) -> torch.nn.Module:
     """An MLP s_theta: R^dim -> R^dim (dim -> hidden -> hidden -> dim, SiLU), seeded init."""
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
@@ -448,7 +451,7 @@ def train_dsm(net: torch.nn.Module, sample_data: Callable[[int], Tensor], sigma:
     ``monitor(net)`` every ``cfg.monitor_every`` steps (e.g. the exact relative error)}.
     """
     def loss_fn(model):
-        return dsm_loss(model, sample_data(cfg.batch), sigma, generator=generator)
+        return dsm_loss_sigma2(model, sample_data(cfg.batch), sigma, generator=generator)
 
     losses, when, values = [], [], []
     for step, loss in training_steps(net, loss_fn, cfg.steps, cfg.lr, desc):
@@ -461,7 +464,7 @@ def train_dsm(net: torch.nn.Module, sample_data: Callable[[int], Tensor], sigma:
             "monitor": np.array(values)}
 
 
-def as_score_fn(net: torch.nn.Module) -> ScoreFn:
+def as_score_fn_no_grad(net: torch.nn.Module) -> ScoreFn:
     """The network as a score function of any-dtype input, without autograd: (N, D) -> (N, D)."""
     dtype = next(net.parameters()).dtype
     device = next(net.parameters()).device
@@ -497,7 +500,7 @@ def hdr_log_threshold(log_p_samples: Tensor, mass: float = 0.99) -> float:
     return torch.quantile(log_p_samples.to(F64), 1.0 - mass).item()
 
 
-def mean_and_se(values: Tensor) -> tuple[float, float]:
+def mean_and_se_float(values: Tensor) -> tuple[float, float]:
     """The mean of per-sample values (N,) and its Monte Carlo standard error std / sqrt(N)."""
     return values.mean().item(), (values.std() / math.sqrt(len(values))).item()
 
@@ -521,7 +524,7 @@ def dsm_loss_floor_mc(perturbed: GaussianMixture, sigma: float, n: int,
     for start in range(0, n, chunk):
         x = perturbed.sample(min(chunk, n - start), generator, dtype=F64)
         terms.append(D / 2 - sigma**2 / 2 * perturbed.score(x).square().sum(1))
-    return mean_and_se(torch.cat(terms))
+    return mean_and_se_float(torch.cat(terms))
 
 
 def score_errors(net: torch.nn.Module, mix: GaussianMixture, sigma: float, n: int,
@@ -533,7 +536,7 @@ def score_errors(net: torch.nn.Module, mix: GaussianMixture, sigma: float, n: in
     the loss floor L*_sigma with its standard error (on n_floor further samples, default n).
     """
     perturbed = mix.perturbed(sigma)
-    score = as_score_fn(net)
+    score = as_score_fn_no_grad(net)
     x = perturbed.sample(n, generator, dtype=F64)
     log_c = hdr_log_threshold(perturbed.log_prob(x))
     high = perturbed.log_prob(grid) >= log_c  # grid points inside the 99% region
@@ -555,7 +558,7 @@ def score_errors(net: torch.nn.Module, mix: GaussianMixture, sigma: float, n: in
 # wrong), and the Swiss roll of `common.datasets`, a curve with no closed-form density.
 
 # %%
-def mixture_2d() -> GaussianMixture:
+def triangle_mixture_2d() -> GaussianMixture:
     """0.45 / 0.35 / 0.2 mixture of tilted Gaussians around a triangle of side about 3.6."""
     weights = [0.45, 0.35, 0.2]
     means = [[-1.8, -1.0], [1.8, -1.0], [0.0, 1.8]]
@@ -593,19 +596,18 @@ def roll_sampler(generator: torch.Generator, device=None) -> Callable[[int], Ten
 #
 # The middle panel shows what the loss hides. By 2.4 the **excess loss** $L_\sigma - L^*_\sigma$,
 # divided by $\tfrac{\sigma^2}{2}\mathbb E|s_\sigma|^2$, is the relative error $R_\sigma$; but at
-# the end of training the excess loss is under 0.001 at every $\sigma$, a fraction of the
-# 0.004-0.006 standard error of a 50-step loss mean, so the loss is far too noisy to resolve
-# it. We therefore plot $R_\sigma$ computed directly, from the learned and the exact score on
-# 4,096 held-out samples of $p_\sigma$. It falls by orders of magnitude while the loss barely
-# moves. It wiggles too, although its evaluation points are fixed: this time the *parameters*
-# jitter, because every Adam step follows the gradient of a different random minibatch. The
-# steady drop after about step 2,500 is the **cosine learning-rate decay** (dotted grey, right
-# axis): as the steps shrink, the jitter shrinks and the network settles. (In a separate test
-# run at $\sigma = 0.5$ with a constant learning rate, $R_\sigma$ stays near 0.008 and keeps
-# wiggling to the end; with the cosine decay this run ends at 0.0016.) Note also that small
-# $\sigma$ trains to a *worse* $R_\sigma$: its gradients carry the least signal. The right panel
-# shows the losses of the two Swiss-roll networks of Section 4.5 (trained here too), whose
-# floors we cannot know.
+# the end of training the excess loss is a fraction of the standard error of a 50-step loss mean
+# (the half-width of the shaded bands in the left panel), so the loss is far too noisy to resolve
+# it. We therefore plot $R_\sigma$ computed directly, from the learned and the exact score on 4,096
+# held-out samples of $p_\sigma$. It falls by orders of magnitude while the loss barely moves. It
+# wiggles too, although its evaluation points are fixed: this time the *parameters* jitter, because
+# every Adam step follows the gradient of a different random minibatch. The steady drop after about
+# step 2,500 is the **cosine learning-rate decay** (dotted grey, right axis): as the steps shrink,
+# the jitter shrinks and the network settles. (With a constant learning rate $R_\sigma$ keeps
+# wiggling to the end, at a level set by the size of the last steps; try it by replacing the
+# scheduler in `training_steps`.) Note also that small $\sigma$ trains to a *worse* $R_\sigma$: its
+# gradients carry the least signal. The right panel shows the losses of the two Swiss-roll networks
+# of Section 4.5 (trained here too), whose floors we cannot know.
 
 # %%
 def block_mean(values: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -626,9 +628,9 @@ def demo_training(run, cfg: Config, mix: GaussianMixture) -> dict:
         x_monitor = perturbed.sample(cfg.n_monitor, run.generator, dtype=F64)  # fixed, held out
 
         def monitor(net, perturbed=perturbed, x_monitor=x_monitor):
-            return relative_error(as_score_fn(net), perturbed.score, x_monitor)
+            return relative_error(as_score_fn_no_grad(net), perturbed.score, x_monitor)
 
-        net = make_score_net(2, cfg.hidden, run.generator).to(run.device)
+        net = seeded_mlp_score_net(2, cfg.hidden, run.generator).to(run.device)
         histories[sigma] = train_dsm(net, sample, sigma, cfg, run.generator,
                                      f"DSM on the mixture, sigma={sigma:g}", monitor)
         nets[sigma] = net
@@ -637,7 +639,7 @@ def demo_training(run, cfg: Config, mix: GaussianMixture) -> dict:
 
     roll_nets, roll_histories = {}, {}
     for sigma in cfg.roll_sigmas:
-        net = make_score_net(2, cfg.hidden, run.generator).to(run.device)
+        net = seeded_mlp_score_net(2, cfg.hidden, run.generator).to(run.device)
         roll_histories[sigma] = train_dsm(net, roll_sampler(run.generator, run.device), sigma,
                                           cfg, run.generator, f"DSM on the roll, sigma={sigma:g}")
         roll_nets[sigma] = net
@@ -693,34 +695,58 @@ def demo_training(run, cfg: Config, mix: GaussianMixture) -> dict:
 # %% [markdown]
 # ## 4.2 The learned score beside the exact perturbed score, and where it is wrong
 # Each row is one noise level. Left: the exact score $\nabla\log p_\sigma$ over the perturbed
-# density; middle: the network's field; right: the pointwise **squared** relative error
-# $|s_\theta - s_\sigma|^2 / |s_\sigma|^2$ on a log scale (the summand of the grid errors of
-# Section 2.4, whose inside and outside values are in the titles), with the boundary of the
-# 99% highest-density region dashed. (Arrow lengths are clipped, so compare directions, and
-# isolated bright pixels mark points where the exact score itself is zero, at the modes and
-# saddles, so any error is infinitely "relative".) The clearest feature at every $\sigma$ is
-# the bright **ridges between components**, where the exact field flips from pointing at one
-# component to pointing at another; at small $\sigma$ no training point goes there. From
-# $\sigma = 0.2$ up the map also shows the inside/outside split: mostly dark inside the dashed
-# line, bright outside, with grid errors 7-12 times lower inside. At $\sigma = 0.05$ the map
-# alone does not show it: the components are narrow, much of the dashed region is their sparse
-# rim, and the error there is about as large as outside; only the grid averages (0.035 inside,
-# 0.14 outside, 4 times apart) show the difference. At larger $\sigma$ the dashed region grows,
-# the field becomes smooth, and the error falls almost everywhere.
+# density; middle: the network's *error* $s_\theta - s_\sigma$ as arrows on the same length scale as
+# the left panel (the learned field itself is indistinguishable from the exact one by eye where it
+# matters, so we draw what differs: a short arrow is a small error, one as long as its neighbour on
+# the left is an error as large as the score); right: the pointwise **squared** relative error
+# $|s_\theta - s_\sigma|^2 / |s_\sigma|^2$ on a log scale (the summand of the grid errors of Section
+# 2.4, whose inside and outside values are in the titles), with the boundary of the 99%
+# highest-density region dashed. (Arrow lengths are clipped at the 80% quantile of the exact field's
+# lengths in both panels, and isolated bright pixels mark points where the exact score itself is
+# zero, at the modes and saddles, so any error is infinitely "relative".) The clearest feature at
+# every $\sigma$ is the bright **ridges between components**, where the exact field flips from
+# pointing at one component to pointing at another; at small $\sigma$ no training point goes there.
+# From $\sigma = 0.2$ up the map also shows the inside/outside split: mostly dark inside the dashed
+# line, bright outside, with grid errors several times lower inside (each panel's title and the
+# summary's first rows print both averages). At $\sigma = 0.05$ the map alone does not show it: the
+# components are narrow, much of the dashed region is their sparse rim, and the error there is about
+# as large as outside; only the grid averages show the difference. At larger $\sigma$ the dashed
+# region grows, the field becomes smooth, and the error falls almost everywhere.
 
 # %%
+def plot_error_field(ax, learned: ScoreFn, exact: ScoreFn, n_arrows: int) -> None:
+    """Arrows of learned - exact on the grid of ``plot_score_field``, with its length scale.
+
+    Both fields are scaled as the exact field is in the left panel: the 80% quantile of |exact|
+    spans 0.9 grid cells, and every arrow is capped at that length.
+    """
+    X, Y, points = grid_points(BOX, BOX, n_arrows)
+    exact_s = exact(points)
+    err = (learned(points) - exact_s).numpy()
+    cap = np.quantile(exact_s.norm(dim=1).numpy(), 0.8)
+    norm = np.linalg.norm(err, axis=1, keepdims=True)
+    err = err * np.minimum(1.0, cap / np.maximum(norm, 1e-12))
+    cell = (BOX[1] - BOX[0]) / (n_arrows - 1)
+    ax.quiver(X, Y, err[:, 0].reshape(X.shape), err[:, 1].reshape(X.shape), color="tab:red",
+              angles="xy", scale_units="xy", scale=cap / (0.9 * cell), width=0.004)
+
+
 def demo_score_fields(run, cfg: Config, mix: GaussianMixture, nets: dict, errors: dict) -> dict:
     n_rows = len(cfg.sigmas)
     fig, axes = plt.subplots(n_rows, 3, figsize=(13.5, 4.3 * n_rows), squeeze=False)
     X, Y, grid = grid_points(BOX, BOX, cfg.grid)
     for row, sigma in zip(axes, cfg.sigmas):
         perturbed = mix.perturbed(sigma)
-        learned = as_score_fn(nets[sigma])
-        for ax, field, what in ((row[0], perturbed.score, "exact $\\nabla \\log p_\\sigma$"),
-                                (row[1], learned, "learned $s_\\theta$")):
+        learned = as_score_fn_no_grad(nets[sigma])
+        for ax in row[:2]:
             plot_density(ax, perturbed.log_prob, BOX, BOX, n_grid=cfg.grid)
-            plot_score_field(ax, field, BOX, BOX, n_arrows=cfg.arrows, clip_quantile=0.8)
-            ax.set_title(f"$\\sigma$ = {sigma:g}: {what}\n(shading: density $p_\\sigma$)")
+        plot_score_field(row[0], perturbed.score, BOX, BOX, n_arrows=cfg.arrows,
+                         clip_quantile=0.8)
+        row[0].set_title(f"$\\sigma$ = {sigma:g}: exact $\\nabla \\log p_\\sigma$\n"
+                         "(shading: density $p_\\sigma$)")
+        plot_error_field(row[1], learned, perturbed.score, cfg.arrows)
+        row[1].set_title(f"$\\sigma$ = {sigma:g}: error $s_\\theta - \\nabla \\log p_\\sigma$\n"
+                         "(same arrow scale as the left panel)")
         exact = perturbed.score(grid)
         # pointwise squared relative error |s_theta - s_sigma|^2 / |s_sigma|^2 (the summand of
         # the regional errors in the title), clamped to the colour range
@@ -759,8 +785,9 @@ def demo_score_fields(run, cfg: Config, mix: GaussianMixture, nets: dict, errors
 # against the clean score, $\mathbb E_p|s_\theta - s|^2 / \mathbb E_p|s|^2$ on clean data. At
 # large $\sigma$ it lies on the dashed curve: the network has learned $s_\sigma$ well, but
 # $s_\sigma$ itself is biased, so training longer cannot help. At small $\sigma$ the bias
-# vanishes and the red curve follows the learning error $R_\sigma$ instead (0.019 against
-# $R_\sigma = 0.018$ at $\sigma = 0.05$ in the default run, where the two curves meet). On the
+# vanishes and the red curve follows the learning error $R_\sigma$ instead (compare the
+# summary's row "learned s_theta vs clean s" with $R_\sigma$ at the smallest $\sigma$, where the
+# two curves meet). On the
 # data, then, the smallest $\sigma$ wins; but away from the data (green triangles) the
 # small-$\sigma$ network is the worst, and that is where Langevin chains start. No single
 # $\sigma$ is good in both places, which is the case for the many noise levels of module 07.
@@ -778,7 +805,7 @@ def demo_error_vs_sigma(run, cfg: Config, mix: GaussianMixture, nets: dict,
     dense = np.geomspace(min(sigmas) / 2, max(sigmas) * 2, 40)  # exact scores are cheap
     bias = [score_bias(mix, sigma, data) for sigma in dense]
     # E_p|s_theta - s|^2 / E_p|s|^2: the learned score against the CLEAN score, on clean data
-    vs_clean = {sigma: relative_error(as_score_fn(nets[sigma]), mix.score, data)
+    vs_clean = {sigma: relative_error(as_score_fn_no_grad(nets[sigma]), mix.score, data)
                 for sigma in cfg.sigmas}
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for key, style, label in (
@@ -812,8 +839,9 @@ def demo_error_vs_sigma(run, cfg: Config, mix: GaussianMixture, nets: dict,
 # In the second and third panels, each **arrow** starts at a noisy point $\tilde x$ and ends at
 # its denoised point (drawn for the first 40 points): the arrow is the denoising step
 # $\sigma^2 s(\tilde x)$, the score scaled by $\sigma^2$. The posterior mean does not return the
-# clean points (nobody can), it pulls each noisy point towards the component that most likely
-# produced it: the arrows point inwards and the clouds shrink. A point in a gap between
+# clean points (nobody can), it pulls each noisy point towards the components that could have
+# produced it, weighted by their posterior probabilities: the arrows point inwards and the
+# clouds shrink. A point in a gap between
 # components, whose origin is uncertain, lands in between: the posterior mean averages over
 # the candidate components. The arrows of the two panels agree. The last
 # panel compares mean squared errors against the clean points at every trained $\sigma$, as a
@@ -834,7 +862,7 @@ def tweedie_numbers(mix: GaussianMixture, net: torch.nn.Module, sigma: float, n:
     x_noisy = x0 + sigma * torch.randn(x0.shape, generator=generator, dtype=F64)
     posterior = mix.posterior_mean(x_noisy, sigma)  # Gaussian conditioning, no score involved
     exact = tweedie_denoise(perturbed.score, x_noisy, sigma)
-    learned = tweedie_denoise(as_score_fn(net), x_noisy, sigma)  # xhat_theta(x~)
+    learned = tweedie_denoise(as_score_fn_no_grad(net), x_noisy, sigma)  # xhat_theta(x~)
     D = x0.shape[1]
     sq_noisy = (x_noisy - x0).square().sum(1)  # |x~ - x0|^2 per sample
     sq_learned = (learned - x0).square().sum(1)  # |xhat_theta(x~) - x0|^2 per sample
@@ -853,7 +881,7 @@ def tweedie_numbers(mix: GaussianMixture, net: torch.nn.Module, sigma: float, n:
     for key, values in (("mse_noisy", sq_noisy), ("mse_posterior", sq_posterior),
                         ("mse_learned", sq_learned), ("mse_diff", diff),
                         ("mmse_formula", mmse_terms)):
-        out[key], out[key + "_se"] = mean_and_se(values)
+        out[key], out[key + "_se"] = mean_and_se_float(values)
     return out
 
 
@@ -924,10 +952,12 @@ def demo_tweedie(run, cfg: Config, mix: GaussianMixture, nets: dict) -> dict:
 # that is stable near the roll is not stable there (module 03's stability limit). It is the
 # low-density failure of Section 2.6 in its most drastic form.)
 #
-# The chains sample $p_\sigma$, a blurred roll, so we finish with one Tweedie step
-# $x \mapsto x + \sigma^2 s_\theta(x)$, which moves each sample to the posterior mean of the
-# clean point it most likely came from. The first column shows the learned score's
-# *direction* (unit arrows, drawn over the data): everywhere it points back to the nearest arm.
+# The chains sample $p_\sigma$, a blurred roll, so we finish with one Tweedie step $x \mapsto x +
+# \sigma^2 s_\theta(x)$, which moves each sample to the posterior mean $\mathbb E[x \mid \tilde x]$:
+# the average of the clean points that could have produced it, weighted by how likely each is to
+# have done so (not the single most likely clean point, which would be the posterior *mode*). The
+# first column shows the learned score's *direction* (unit grey arrows, drawn under the data):
+# everywhere it points back to the nearest arm.
 #
 # We compare the samples with fresh data by the sliced Wasserstein distance (SW,
 # common/metrics), against 6 independent data draws of the same size: the titles give the mean
@@ -945,19 +975,20 @@ def demo_tweedie(run, cfg: Config, mix: GaussianMixture, nets: dict) -> dict:
 # histogram is flat between those radii; look for red bars that stand above or below the
 # green ones, i.e. stretches of the arm with too much or too little mass.
 #
-# What the default run shows (same $T$ at both noise levels): at $\sigma = 0.1$ the samples lie
-# on the roll, but their SW stays at 0.19, 2.5 times the floor of 0.077 (spread 0.021), even
-# after 6,000 steps, and the radius histogram shows why: too little mass on the inner turn
-# (radius 1.0-1.6) and too much in the middle of the roll (1.7-2.4). A chain that lands on an
-# arm stays there, because the empty gap between arms is a low-density region the chains cannot
-# cross (and where the learned score is unreliable anyway). The final Tweedie step does not
-# help here (SW 0.193 before and after): it moves each sample by $\sigma^2 s_\theta$, on
-# average 0.07 at $\sigma = 0.1$ (the summary table), which sharpens the arm a sample sits on
-# but cannot carry mass to another arm 1.26 away, nor along the roll. At $\sigma = 0.25$ the
-# blurred arms touch, chains move between them, and after the Tweedie step the SW is 0.078,
-# within one spread of the floor. (Before the Tweedie step it is 0.097: the chains
-# sample the blurred $p_\sigma$, not the data.) Module 07 gets the best of both with a
-# sequence of noise levels.
+# What the default run shows (same $T$ at both noise levels; the summary's "Swiss roll" rows
+# print every number, SW before and after the Tweedie step beside the floor and its spread):
+# at $\sigma = 0.1$ the samples lie on the roll, but their SW stays several spreads above the
+# floor even after 6,000 steps, and the radius histogram shows why: the mass along the roll is
+# wrong, typically too little on the inner turn and too much in the middle of the roll. A
+# chain that lands on an arm stays there, because the empty gap between arms is a low-density
+# region the chains cannot cross (and where the learned score is unreliable anyway). The final
+# Tweedie step does not help here (the two SW columns of that row barely differ): it moves
+# each sample by $\sigma^2 s_\theta$, whose RMS length the summary prints, a small fraction of
+# the 1.26 between arms, so it sharpens the arm a sample sits on but cannot carry mass to
+# another arm, nor along the roll. At $\sigma = 0.25$ the blurred arms touch, chains move
+# between them, and after the Tweedie step the SW comes within about one spread of the floor.
+# (Before the Tweedie step it is higher: the chains sample the blurred $p_\sigma$, not the
+# data.) Module 07 gets the best of both with a sequence of noise levels.
 
 # %%
 def radius_histogram(ax, samples: Tensor, data: Tensor, label: str) -> None:
@@ -973,15 +1004,15 @@ def radius_histogram(ax, samples: Tensor, data: Tensor, label: str) -> None:
 
 
 def plot_directions(ax, score_fn: ScoreFn, lim: tuple[float, float], n_arrows: int) -> None:
-    """Unit arrows s/|s| on an n_arrows x n_arrows grid, drawn above everything else."""
+    """Unit arrows s/|s| on an n_arrows x n_arrows grid, light grey, under the data."""
     X, Y, points = grid_points(lim, lim, n_arrows)
     s = score_fn(points.to(F32)).double()
     u = (s / s.norm(dim=1, keepdim=True).clamp_min(1e-12)).numpy()  # direction only
     cell = (lim[1] - lim[0]) / (n_arrows - 1)
     ax.quiver(X, Y, u[:, 0].reshape(X.shape), u[:, 1].reshape(X.shape), angles="xy",
-              scale_units="xy", scale=1 / (0.7 * cell), width=0.004, color="k", zorder=3)
-    # a quiver's own legend entry is a black box: an arrow glyph as a stand-in
-    ax.plot([], [], color="k", lw=0, marker="$\\longrightarrow$", markersize=4,
+              scale_units="xy", scale=1 / (0.7 * cell), width=0.004, color="0.55", zorder=1)
+    # a quiver's own legend entry is a box: an arrow glyph as a stand-in
+    ax.plot([], [], color="0.55", lw=0, marker="$\\longrightarrow$", markersize=4,
             label="direction of $s_\\theta$ (unit arrows)")
 
 
@@ -996,7 +1027,7 @@ def langevin_samples(net: torch.nn.Module, sigma: float, cfg: Config,
     """ULA with the learned score from U([-3, 3]^2) for a total time T: (chains, 2)."""
     x_init = 6.0 * torch.rand(cfg.chains, 2, generator=generator) - 3.0  # uniform on [-3, 3]^2
     step_size, n_steps = langevin_steps_for(sigma, cfg)
-    chain = langevin03.langevin(as_score_fn(net), x_init, step_size, n_steps, generator)
+    chain = langevin03.langevin(as_score_fn_no_grad(net), x_init, step_size, n_steps, generator)
     x = x_init
     for state in tqdm(chain, total=n_steps, desc=f"Langevin, sigma={sigma:g}",
                       leave=False, disable=None):
@@ -1027,7 +1058,8 @@ def demo_swiss_roll(run, cfg: Config, roll_nets: dict) -> dict:
     for row, sigma in zip(axes, cfg.roll_sigmas):
         net = roll_nets[sigma]
         samples = langevin_samples(net, sigma, cfg, run.generator)  # approximately p_sigma
-        denoised = tweedie_denoise(as_score_fn(net), samples, sigma)  # x + sigma^2 s_theta(x)
+        # x + sigma^2 s_theta(x)
+        denoised = tweedie_denoise(as_score_fn_no_grad(net), samples, sigma)
         sw_raw, sd_raw = sw_mean_sd(samples, refs)
         sw_den, sd_den = sw_mean_sd(denoised, refs)
         out["roll"][sigma] = {"sw_langevin": sw_raw, "sw_langevin_sd": sd_raw,
@@ -1037,9 +1069,9 @@ def demo_swiss_roll(run, cfg: Config, roll_nets: dict) -> dict:
                               "tweedie_step": (denoised - samples).square().sum(1).mean()
                               .sqrt().item()}
         ax = row[0]
-        ax.scatter(*data[:1000].T.numpy(), s=2, color="tab:green", alpha=0.5, label="data",
-                   zorder=2)
-        plot_directions(ax, as_score_fn(net), lim, cfg.arrows + 4)
+        ax.scatter(*data[:1000].T.numpy(), s=3, color="tab:green", alpha=0.9, label="data",
+                   zorder=3)  # on top of the arrows
+        plot_directions(ax, as_score_fn_no_grad(net), lim, cfg.arrows + 4)
         ax.set_title(f"$\\sigma$ = {sigma:g}: learned score $s_\\theta$ over data")
         step_size, n_steps = langevin_steps_for(sigma, cfg)
         for ax, pts, what, sw, sd in (
@@ -1069,9 +1101,11 @@ def demo_swiss_roll(run, cfg: Config, roll_nets: dict) -> dict:
 # # Section 5: Exercises
 #
 # Replace each `raise NotImplementedError` with your answer, then run
-# `pytest tests/test_04_exercises.py`. A skipped test means "not attempted yet"; a failure says
-# what was expected and what came back. Reference answers are in
-# `solutions/04_denoising_score_matching.py`: try first, then compare.
+# `pytest tests/test_04_exercises.py -k your_answer`, which runs only the checks of your answers
+# (without `-k` the file also tests the reference solutions and the checks themselves). A
+# skipped test means "not attempted yet"; a failure says what is wrong and gives a hint, and
+# where a check knows the formula, `SBGM_SHOW_SOLUTION=1 pytest ...` shows it too. Reference
+# answers are in `solutions/04_denoising_score_matching.py`: try first, then compare.
 
 # %%
 def exercise_perturbed_gaussian_score(x: Tensor, mean: Tensor, cov: Tensor,
@@ -1116,7 +1150,7 @@ def exercise_scaled_dsm_loss(score_fn: ScoreFn, x0: Tensor, scale: float, sigma:
     Returns:
         a scalar tensor.
 
-    Example: for scale = 1 it equals dsm_loss(score_fn, x0, sigma, noise=noise) of Section 3.1.
+    Example: for scale = 1 it equals dsm_loss_sigma2(score_fn, x0, sigma, noise=noise) (3.1).
 
     Hint: compute the kernel's score -(x~ - scale x0) / sigma^2 and simplify; the answer does
     not depend on scale except through the point where the network is evaluated.
@@ -1210,7 +1244,8 @@ def exercise_hdr_mass(log_p_grid: Tensor, cell_area: float, log_c: float) -> flo
 #   and far away, where no training point goes. Larger $\sigma$ fills those regions but blurs
 #   the data: the learned score then matches $s_\sigma$ well and the clean score badly.
 # - Tweedie: $\mathbb E[x \mid \tilde x] = \tilde x + \sigma^2 \nabla\log p_\sigma(\tilde x)$.
-#   The DSM loss is the mean squared error of this denoiser divided by $2\sigma^2$, and a
+#   The $\sigma^2$-weighted DSM loss $L_\sigma$ is the mean squared error of this denoiser
+#   divided by $2\sigma^2$ (the unweighted one of module 02: divided by $2\sigma^4$), and a
 #   learned denoiser's excess error is $\sigma^4 \mathbb E|s_\theta - s_\sigma|^2$.
 # - Langevin dynamics with a learned score samples the Swiss roll; for the same total Langevin
 #   time, a single small $\sigma$ puts the wrong mass on the arms, and a larger one comes within
@@ -1277,7 +1312,7 @@ def main(argv=None):
     if run.args.langevin_time is not None:
         cfg.langevin_time = run.args.langevin_time
 
-    mix = mixture_2d()
+    mix = triangle_mixture_2d()
     trained = demo_training(run, cfg, mix)
     demo_score_fields(run, cfg, mix, trained["nets"], trained["errors"])
     vs_sigma = demo_error_vs_sigma(run, cfg, mix, trained["nets"], trained["errors"])

@@ -39,10 +39,10 @@ MATHEMATICAL BACKGROUND:
 
 IMPLEMENTATION NOTES:
 - The building blocks (GaussianFourierFeatures, SinusoidalEmbedding, TimeConditionalScoreNet,
-  NoiseConditionalScoreNet, warmup_lr_lambda, train_step, training_loop, dsm_loss) are
-  what modules 07-09 reuse through load_module("06"). Networks take x: (N, D); the output
-  scaling broadcasts over x.ndim. The EMA of weights taught here, and `expand_to`, live in
-  common/training.py (modules 03-09 share them); this module imports them.
+  NoiseConditionalScoreNet, warmup_lr_lambda, optimizer_step, training_iterator,
+  conditional_dsm_loss) are what modules 07-09 reuse through load_module("06"). Networks
+  take x: (N, D); the output scaling broadcasts over x.ndim. The EMA of weights taught here,
+  and `expand_to`, live in common/training.py (modules 03-09 share them); this module imports them.
 - Everything is measured on a 2D mixture of eight Gaussians whose perturbed score is known in
   closed form at every sigma (common.datasets.GaussianMixture.perturbed_score): per-level loss
   floors, exact |score| curves, score errors and exact-score samples are all ground truth.
@@ -59,7 +59,7 @@ IMPLEMENTATION NOTES:
 Run:
     python 06_score_networks.py           # figures go to outputs/06_score_networks/
     python 06_score_networks.py --quick   # a smoke run (undertrained) of about 15 seconds
-    pytest tests/test_06_exercises.py     # check your answers to the exercises
+    pytest tests/test_06_exercises.py -k your_answer  # check your answers
     pytest tests/test_06_score_networks.py
 
 References:
@@ -246,10 +246,16 @@ def ema_decay(text: str) -> float:
 # so by Jensen, at every $x$,
 # $|\mathbb{E}[-z/\sigma \mid x]|^2 \le \mathbb{E}[\,|z/\sigma|^2 \mid x]$, and averaging over
 # $x$ gives $\mathbb{E}|s^*_\sigma|^2 \le D/\sigma^2$. Equality needs $z$ to be
-# (nearly) determined by $x$, i.e. $\sigma$ comparable to the data's radius (~2-4 here): for our
-# mixture the exact curve runs roughly *parallel* to $\sqrt{D}/\sigma$ above $\sigma \approx 0.15$
-# (log-log slope about $-0.94$) but a fifth to a third below it (ratio 0.66-0.84 for
-# $0.2 \le \sigma \le 2.2$), and comes close (0.95) only at $\sigma = 4$.
+# (nearly) determined by $x$, which happens only when $\sigma$ is *much larger* than the data's
+# spread, so that $x = x_0 + \sigma z$ is mostly noise. For data of variance $v$ per coordinate,
+# the Gaussian formula below gives about $D/(\sigma^2 + v)$, a ratio
+# $\sigma/\sqrt{\sigma^2 + v}$ of the RMS $|s^*_\sigma|$ to $\sqrt{D}/\sigma$. Our mixture
+# (radius 2, std 0.15) has $v = 2^2/2 + 0.15^2 \approx 2.02$, a spread of about 1.4 per
+# coordinate, so the ratio is still 0.94 at $\sigma = 4$ (three spreads) and reaches 0.99 only
+# near $\sigma = 10$. Measured on the mixture: the exact curve runs roughly *parallel* to
+# $\sqrt{D}/\sigma$ above $\sigma \approx 0.15$ (log-log slope about $-0.94$) but a fifth to a
+# third below it (ratio 0.66-0.84 for $0.2 \le \sigma \le 2.2$), and comes close (0.95) only at
+# our largest level, $\sigma = 4$.
 # For Gaussian data $\mathcal{N}(m, C)$ it is exactly
 # $\mathbb{E}|s^*_\sigma|^2 = \operatorname{tr}\big((C + \sigma^2 I)^{-1}\big)$: this falls like
 # $D/\sigma^2$ when $\sigma^2$ exceeds the eigenvalues of $C$ and saturates at
@@ -581,12 +587,12 @@ class GeometricNoise:
 
 # %% [markdown]
 # ## 3.5 The loss: denoising score matching with weight $\lambda(\sigma)$ (Section 2.6)
-# `dsm_loss` returns one loss per sample, so that the caller can average it per level. It
-# takes the noise $z$ as an argument: evaluation can then reuse the same noise for two
+# `conditional_dsm_loss` returns one loss per sample, so that the caller can average it per
+# level. It takes the noise $z$ as an argument: evaluation can then reuse the same noise for two
 # networks (a paired comparison).
 
 # %%
-def dsm_loss(score_fn, x0: Tensor, sigma: Tensor, z: Tensor, cond: Tensor | None = None,
+def conditional_dsm_loss(score_fn, x0: Tensor, sigma: Tensor, z: Tensor, cond: Tensor | None = None,
              weighting: str = "sigma2") -> Tensor:
     """Per-sample DSM loss 1/2 lambda(sigma) |s(x0 + sigma z, c) + z / sigma|^2.
 
@@ -613,14 +619,14 @@ def per_level_mean(values: Tensor, level: Tensor, n_levels: int) -> Tensor:
 
 def noise_conditional_loss(model, x0: Tensor, sigmas: Tensor,
                            generator: torch.Generator | None = None, weighting: str = "sigma2"):
-    """NCSN training loss: a level i ~ U{1..L} and noise z per sample, then dsm_loss.
+    """NCSN training loss: a level i ~ U{1..L} and noise z per sample, then conditional_dsm_loss.
 
     x0: (N, D); sigmas: (L,). Returns (mean loss, {"level_loss": (L,) per-level means}).
     """
     n, L = x0.shape[0], len(sigmas)
     level = torch.randint(0, L, (n,), generator=generator)
     z = torch.randn(x0.shape, generator=generator).to(x0)
-    losses = dsm_loss(model, x0, sigmas[level].to(x0), z, weighting=weighting)
+    losses = conditional_dsm_loss(model, x0, sigmas[level].to(x0), z, weighting=weighting)
     return losses.mean(), {"level_loss": per_level_mean(losses.detach().cpu(), level, L)}
 
 
@@ -633,7 +639,7 @@ def time_conditional_loss(model, x0: Tensor, noise: GeometricNoise,
     t = torch.rand(x0.shape[0], generator=generator).to(x0)
     z = torch.randn(x0.shape, generator=generator).to(x0)
     sigma = noise.sigma(t)
-    losses = dsm_loss(model, x0, sigma, z, cond=t, weighting=weighting)
+    losses = conditional_dsm_loss(model, x0, sigma, z, cond=t, weighting=weighting)
     level = noise.nearest_level(sigma.detach().cpu())
     return losses.mean(), {"level_loss": per_level_mean(losses.detach().cpu(), level,
                                                         noise.n_levels)}
@@ -641,7 +647,7 @@ def time_conditional_loss(model, x0: Tensor, noise: GeometricNoise,
 
 # %% [markdown]
 # ## 3.6 Training strategies (Section 2.7): warm-up, clipping, EMA, and a loop to look inside
-# `training_loop` is a generator: it yields a dictionary per step (loss, gradient norm,
+# `training_iterator` is a generator: it yields a dictionary per step (loss, gradient norm,
 # learning rate, and whatever the loss function reports), so a caller can draw progress bars,
 # record per-level losses or evaluate the EMA weights without callbacks.
 
@@ -678,7 +684,7 @@ def warmup_lr_lambda(warmup_steps: int) -> Callable[[int], float]:
 # keep the plain form.
 
 # %%
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor,
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor,
                grad_clip: float | None = None) -> float:
     """Backpropagate ``loss``, clip the gradient's global norm to ``grad_clip``, step.
 
@@ -693,7 +699,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor,
     return float(norm)
 
 
-def training_loop(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
+def training_iterator(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
                   sample_batch: Callable[[], Tensor], n_steps: int, scheduler=None,
                   ema: EMA | None = None, grad_clip: float | None = None) -> Iterator[dict]:
     """Generator: train for n_steps, yielding one dictionary per step.
@@ -706,7 +712,7 @@ def training_loop(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
     for step in range(n_steps):
         loss, aux = loss_fn(model, sample_batch())
         lr = optimizer.param_groups[0]["lr"]  # the learning rate this step used
-        grad_norm = train_step(model, optimizer, loss, grad_clip)
+        grad_norm = optimizer_step(model, optimizer, loss, grad_clip)
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
@@ -786,7 +792,7 @@ def annealed_langevin(score_fn: NoiseScoreFn, x: Tensor, sigmas: Tensor, n_steps
     return x
 
 
-def exact_score_fn(data: GaussianMixture) -> NoiseScoreFn:
+def exact_noise_score_fn(data: GaussianMixture) -> NoiseScoreFn:
     """(x, sigma) -> grad log p_sigma(x) of the mixture, exact (all sigma in a batch equal)."""
     return lambda x, sigma: data.perturbed_score(x, float(sigma[0]))
 
@@ -1025,7 +1031,7 @@ def train_variant(run, cfg: Config, name: str, data: GaussianMixture, noise: Geo
 
     hist = {k: [] for k in ("loss", "grad_norm", "lr", "level_loss")}
     evals = {"step": [], **{k: [] for k in ["raw", *emas]}}
-    loop = training_loop(model, optimizer, loss_fn,
+    loop = training_iterator(model, optimizer, loss_fn,
                          lambda: data.sample(cfg.batch_size, gen, dtype=torch.float32),
                          cfg.train_steps, scheduler, emas["ema"], cfg.grad_clip)
     bar = tqdm(loop, total=cfg.train_steps, desc=f"training {name:15s}", mininterval=0.5)
@@ -1116,6 +1122,27 @@ def moving_average(a: np.ndarray, window: int) -> np.ndarray:
 # shows which levels are still being learned.
 
 # %%
+def label_curve_ends(ax, x_end: float, ys, labels, colors, min_gap: float = 11.0) -> None:
+    """Write each curve's label just right of its last point, in the curve's colour.
+
+    Labels closer than ``min_gap`` pixels are pushed apart (keeping their order) and joined to
+    their curve's end by a thin line, so ten curves stay readable without a legend to decode.
+    """
+    ax.figure.canvas.draw()  # constrained layout: the axes get their final position here
+    to_px = ax.transData
+    points = [(to_px.transform((x_end, y))[1], y, lab, c)
+              for y, lab, c in zip(ys, labels, colors) if np.isfinite(y)]
+    points.sort(key=lambda item: item[0])
+    placed = []
+    for py, *_ in points:
+        placed.append(max(py, placed[-1] + min_gap) if placed else py)
+    for (py, y, lab, c), qy in zip(points, placed):
+        # the label 8 pixels right of the curve's end, shifted vertically by qy - py pixels
+        ax.annotate(lab, xy=(x_end, y), xytext=(8, qy - py), textcoords="offset pixels",
+                    color=c, fontsize=8, va="center", ha="left", annotation_clip=False,
+                    arrowprops=dict(arrowstyle="-", color=c, lw=0.5, shrinkA=0, shrinkB=0))
+
+
 def demo_loss_per_level(run, cfg: Config, full: dict, data: GaussianMixture,
                         noise: GeometricNoise) -> dict:
     # floors 1/2 (D - sigma^2 E|s*|^2) from many exact scores: sigma^2 amplifies their noise
@@ -1127,16 +1154,20 @@ def demo_loss_per_level(run, cfg: Config, full: dict, data: GaussianMixture,
     window = max(1, min(100, cfg.train_steps // 10))
     smooth = moving_average(hist["level_loss"], window)  # (steps, L)
     steps = np.arange(1, len(smooth) + 1)
-    colors = plt.cm.viridis(np.linspace(0, 0.95, len(sigmas)))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    # Ten levels: distinct colours (not a smooth colour map, whose neighbours look alike), the
+    # same colour for a level in every panel, and each curve labelled at its end.
+    colors = [plt.cm.tab10(i % 10) for i in range(len(sigmas))]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
     for i, (sigma, c) in enumerate(zip(sigmas, colors)):
         label = f"$\\sigma$ = {sigma:.3g}"
         axes[0].plot(steps, smooth[:, i], color=c, label=label)
-        axes[0].axhline(floors[i].item(), color=c, ls="--", lw=0.8)
+        # the floor as a dashed line over the last tenth of the run, where the curve ends
+        axes[0].plot([0.9 * steps[-1], steps[-1]], [floors[i].item()] * 2, color=c, ls="--",
+                     lw=1.2)
         axes[1].plot(steps, smooth[:, i] / sigma**2, color=c, label=label)
         axes[2].plot(evals["step"], evals["ema"][:, i], color=c, label=label)
     axes[0].set_ylim(0, max(1.05, 1.03 * float(np.nanmax(smooth))))  # the start is above D/2
-    axes[0].set_title("$\\sigma^2$-weighted loss per level (dashed: exact floor)")
+    axes[0].set_title("$\\sigma^2$-weighted loss per level (dashes at the end: exact floor)")
     axes[0].set_ylabel(r"$\frac{1}{2}\,\mathbb{E}|\sigma s_\theta + z|^2$")
     axes[1].set_yscale("log")
     axes[1].set_title("The same without the weight: $\\ell / \\sigma^2$")
@@ -1144,10 +1175,16 @@ def demo_loss_per_level(run, cfg: Config, full: dict, data: GaussianMixture,
     axes[2].set_yscale("log")
     axes[2].set_title("Excess over the floor (validation, EMA weights)")
     axes[2].set_ylabel(r"$\frac{1}{2}\sigma^2\,\mathbb{E}|s_\theta - s^*_\sigma|^2$")
+    labels = [f"{sigma:.3g}" for sigma in sigmas]
     for ax in axes:
         ax.set_xlabel("training step")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
                ncol=len(sigmas), fontsize=8)
+    for ax in axes:
+        ax.margins(x=0.12)  # room for the end labels inside each panel
+    label_curve_ends(axes[0], steps[-1], smooth[-1], labels, colors)
+    label_curve_ends(axes[1], steps[-1], smooth[-1] / sigmas**2, labels, colors)
+    label_curve_ends(axes[2], evals["step"][-1], evals["ema"][-1], labels, colors)
     run.save(fig, "loss_per_level")
     last = hist["level_loss"][-window:]  # (window, L) per-step means, NaN if a level was absent
     final = np.nanmean(last, axis=0)  # last-window training loss of each level
@@ -1234,8 +1271,10 @@ def demo_training_strategies(run, cfg: Config, trained: dict) -> dict:
 # The dotted line is the RMS size of the DSM target,
 # $\sqrt{\mathbb{E}|z/\sigma|^2} = \sqrt{D}/\sigma$.
 # The exact curve (black) stays below it (Jensen, Section 2.5): roughly parallel to it above
-# $\sigma \approx 0.15$ (slope about $-0.94$) but a fifth to a third lower, meeting it only near
-# $\sigma = 4$, comparable to the data's radius; below $\sigma \approx 0.15$ it flattens, where
+# $\sigma \approx 0.15$ (slope about $-0.94$) but a fifth to a third lower, and it approaches it
+# only at the top level $\sigma = 4$, where the noise is about three times the data's spread
+# (1.4 per coordinate): they meet only where $\sigma$ is much larger than the data's spread
+# (Section 2.5); below $\sigma \approx 0.15$ it flattens, where
 # the perturbed score is the data's own score. The networks with output scaling track it at
 # every level; the one without it must learn a 30-fold range of output sizes, and its $|s|$
 # comes out too small at the small levels.
@@ -1391,7 +1430,7 @@ def demo_sample_quality(run, cfg: Config, trained: dict, data: GaussianMixture,
                                  cfg.step_ratio, gen)
 
     samples = {"data (floor)": data.sample(cfg.n_samples, torch.Generator().manual_seed(seed + 7)),
-               "exact score": sample(exact_score_fn(data), torch.float64)}
+               "exact score": sample(exact_noise_score_fn(data), torch.float64)}
     for name, result in tqdm(trained.items(), desc="annealed Langevin", mininterval=0.5):
         samples[f"{name}, EMA"] = sample(as_noise_score(name, result["ema_model"], noise))
         samples[f"{name}, raw"] = sample(as_noise_score(name, result["model"], noise))
@@ -1443,8 +1482,11 @@ def demo_sample_quality(run, cfg: Config, trained: dict, data: GaussianMixture,
 # # Section 5: Exercises
 #
 # Replace each `raise NotImplementedError` with your answer, then run
-# `pytest tests/test_06_exercises.py`. A skipped test means "not attempted yet"; a failure says
-# what was expected and what came back. Reference answers: `solutions/06_score_networks.py`.
+# `pytest tests/test_06_exercises.py -k your_answer`, which runs only the checks of your answers
+# (without `-k` the file also tests the reference solutions and the checks themselves). A
+# skipped test means "not attempted yet"; a failure says what is wrong and gives a hint, and
+# where a check knows the formula, `SBGM_SHOW_SOLUTION=1 pytest ...` shows it too. Reference
+# answers are in `solutions/06_score_networks.py`: try first, then compare.
 
 # %%
 def exercise_fourier_features(t: Tensor, W: Tensor) -> Tensor:

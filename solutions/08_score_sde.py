@@ -35,8 +35,12 @@ def exercise_euler_ode_sampler(sde, score_fn, x_T: Tensor, n_steps: int,
 
 def exercise_ddpm_ancestral_step(x: Tensor, eps_pred: Tensor, beta_i: float, alpha_bar_i: float,
                                  sigma_i: float, z: Tensor) -> Tensor:
-    """s = -eps / sqrt(1 - alpha_bar) turns (x + beta s) / sqrt(1 - beta) into DDPM's
-    (x - beta / sqrt(1 - alpha_bar) eps) / sqrt(1 - beta), plus sigma z."""
+    """(a) x_i = a x_{i-1} + b z with a = sqrt(1 - beta_i), b = sqrt(beta_i), so Tweedie gives
+    E[x_{i-1} | x_i] = (x_i + beta_i grad log p_i(x_i)) / sqrt(1 - beta_i).
+    (b) x_i = sqrt(alpha_bar_i) x_0 + sqrt(1 - alpha_bar_i) eps, whose conditional score is
+    -eps / sqrt(1 - alpha_bar_i); the noise predictor's E[eps | x_i] therefore gives the
+    marginal score s = -eps_pred / sqrt(1 - alpha_bar_i) (Section 2.6).
+    Together: DDPM's (x - beta / sqrt(1 - alpha_bar) eps) / sqrt(1 - beta), plus sigma z."""
     return (x - beta_i / (1 - alpha_bar_i) ** 0.5 * eps_pred) / (1 - beta_i) ** 0.5 + sigma_i * z
 
 

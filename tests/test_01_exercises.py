@@ -9,6 +9,7 @@ skipped while it still raises NotImplementedError).
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -18,6 +19,12 @@ from common.exercises import Exercise, assert_close, exercise_tests
 
 pytestmark = pytest.mark.ch01
 F64 = torch.float64
+
+
+def _solution():
+    from common.modules import load_solutions
+
+    return load_solutions("01")
 
 
 def _autograd_score(log_prob, x):
@@ -72,14 +79,30 @@ def check_mixture_score(fn):
     means = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -3.0]], dtype=F64)
     std = 0.7
     gen = torch.Generator().manual_seed(1)
-    x = torch.cat([2 * torch.randn(50, 2, generator=gen, dtype=F64),
-                   torch.tensor([[40.0, 0.0], [0.0, -45.0]], dtype=F64)])  # 50+ std away
-    expected = GaussianMixture.isotropic(weights, means, std).score(x)
+    mix = GaussianMixture.isotropic(weights, means, std)
+    # First near the data, where every formula is finite: is the mixture score right?
+    x = 2 * torch.randn(50, 2, generator=gen, dtype=F64)
+    expected = mix.score(x)
+    comp = -(x[:, None, :] - means[None]) / std**2  # (N, K, D) component scores
     assert_close(fn(x, weights, means, std), expected,
-                 what="mixture score at 50 points near the data and 2 far away",
-                 hint="weight the component scores by the POSTERIOR r_k(x) (softmax of "
-                      "log w_k + log N_k), not by w_k; a softmax of log-densities stays finite "
-                      "where exp() underflows", rtol=1e-7, atol=1e-9)
+                 what="mixture score at 50 points near the data",
+                 hint="each component's score -(x - mu_k) / std^2 enters with the probability "
+                      "that x came from component k, which depends on x",
+                 formula="s(x) = sum_k r_k(x) (-(x - mu_k) / std^2), "
+                         "r_k(x) = w_k N(x; mu_k, std^2 I) / sum_j w_j N(x; mu_j, std^2 I)",
+                 mistakes=[((weights[None, :, None] * comp).sum(1),
+                            "you weighted the component scores by the prior weights w_k; "
+                            "use the responsibilities r_k(x) (Bayes' rule), which change with x"),
+                           (-expected, "the sign: the score points towards the means")],
+                 rtol=1e-7, atol=1e-9)
+    # Then far away (50+ std from every mean), where the densities underflow to 0.
+    far = torch.tensor([[40.0, 0.0], [0.0, -45.0]], dtype=F64)
+    assert_close(fn(far, weights, means, std), mix.score(far),
+                 what="mixture score at 2 points 50+ std away from every component",
+                 hint="your answer is right near the data; out here every N(x; mu_k, std^2 I) "
+                      "underflows to 0 and r_k = 0/0. Compute r_k from LOG-densities with "
+                      "torch.softmax(log w_k + log N_k, dim=1), which subtracts the largest "
+                      "first and stays finite", rtol=1e-7, atol=1e-9)
     one = fn(x[:5], torch.ones(1, dtype=F64), means[:1], std)
     assert_close(one, -(x[:5] - means[0]) / std**2, what="one-component mixture",
                  hint="with K = 1 the score is -(x - mu) / std^2")
@@ -88,6 +111,10 @@ def check_mixture_score(fn):
 def prior_weights_instead_of_posterior(x, weights, means, std):
     comp = -(x[:, None, :] - means[None]) / std**2
     return (weights[None, :, None] * comp).sum(1)
+
+
+def mixture_sign_flipped(x, weights, means, std):
+    return -_solution().exercise_mixture_score(x, weights, means, std)
 
 
 def naive_densities_underflow(x, weights, means, std):
@@ -111,6 +138,14 @@ def density_not_normalised(score_values, x_grid):
     dx = x_grid[1] - x_grid[0]
     inc = 0.5 * (score_values[1:] + score_values[:-1]) * dx
     return torch.exp(torch.cat([torch.zeros(1, dtype=x_grid.dtype), torch.cumsum(inc, 0)]))
+
+
+def density_normalised_by_sum(score_values, x_grid):
+    dx = x_grid[1] - x_grid[0]
+    inc = 0.5 * (score_values[1:] + score_values[:-1]) * dx
+    log_p = torch.cat([torch.zeros(1, dtype=x_grid.dtype), torch.cumsum(inc, 0)])
+    p = torch.exp(log_p - log_p.max())
+    return p / p.sum()  # a sum, not an integral: off by the factor dx
 
 
 def density_sign_flipped(score_values, x_grid):
@@ -157,9 +192,10 @@ EXERCISES = [
     Exercise("exercise_ring_score", check_ring_score,
              [ring_sign_flipped, ring_unit_vector_missing]),
     Exercise("exercise_mixture_score", check_mixture_score,
-             [prior_weights_instead_of_posterior, naive_densities_underflow]),
+             [prior_weights_instead_of_posterior, naive_densities_underflow,
+              mixture_sign_flipped]),
     Exercise("exercise_density_from_score", check_density_from_score,
-             [density_not_normalised, density_sign_flipped]),
+             [density_not_normalised, density_sign_flipped, density_normalised_by_sum]),
     Exercise("exercise_product_of_gaussians", check_product_of_gaussians,
              [product_adds_covariances, product_averages_means]),
 ]
@@ -187,3 +223,34 @@ def test_examples_in_docstrings_hold():
     p = sol.exercise_density_from_score(-x, x)
     torch.testing.assert_close(p, torch.exp(-x**2 / 2) / math.sqrt(2 * math.pi), rtol=1e-4,
                                atol=1e-6)
+
+
+# -- what a failing check tells the learner (the checks' messages are part of the exercise) -----
+def _message(check, wrong):
+    with pytest.raises(AssertionError) as info:
+        check(wrong)
+    return str(info.value)
+
+
+def test_mixture_hint_matches_the_mistake(monkeypatch):
+    """1.3: prior weights are named as such; an answer that only fails far away is told about
+    underflow, not sent back to the posterior it already uses; no formula unless asked."""
+    monkeypatch.delenv("SBGM_SHOW_SOLUTION", raising=False)
+    prior = _message(check_mixture_score, prior_weights_instead_of_posterior)
+    assert "prior weights w_k" in prior and "r_k(x) = w_k N" not in prior
+    sign = _message(check_mixture_score, mixture_sign_flipped)
+    assert "the sign" in sign
+    underflow = _message(check_mixture_score, naive_densities_underflow)
+    assert "50+ std away" in underflow and "NaN" in underflow and "LOG-densities" in underflow
+    assert "prior weights" not in underflow
+    monkeypatch.setenv("SBGM_SHOW_SOLUTION", "1")
+    assert "r_k(x) = w_k N" in _message(check_mixture_score, prior_weights_instead_of_posterior)
+
+
+def test_density_message_shows_where_it_is_wrong():
+    """1.4: the message lists the worst grid points (near the modes at x = -2 and 1.5, indices
+    ~750 and ~1190 of 2,001), not the first 8, which are ~0 in both answers."""
+    message = _message(check_density_from_score, density_normalised_by_sum)
+    assert "the 5 worst of 2001 entries" in message
+    indices = [int(i) for i in re.findall(r"index \((\d+),\): expected", message)]
+    assert len(indices) == 5 and all(500 < i < 1500 for i in indices), indices

@@ -160,6 +160,12 @@ def test_quick_run_writes_all_figures(tmp_path):
     for key in ("1d_autograd_error", "gaussian_autograd_error", "mixture_autograd_error",
                 "banana_autograd_error", "affine_error", "tempering_error"):
         assert results[key] < 1e-10, key
+    # The prose of Section 4.5 quotes these shares of the heavier bump (grid integrals, so the
+    # same in --quick and default runs): the mixture weight at beta = 1, about 0.83 at beta = 3.
+    mass = results["heavy_mass"]
+    assert mass[1.0] == pytest.approx(0.70, abs=2e-3)
+    assert mass[3.0] == pytest.approx(0.83, abs=5e-3)
+    assert 0.5 < mass[0.3] < 0.70
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -69,6 +69,15 @@ def check_fit_polynomial_energy(fn):
     x = torch.tensor([-1.0, 1.0], dtype=F64)
     assert_close(fn(x, (2,)), torch.tensor([0.5], dtype=F64), what="the worked example",
                  hint="theta = 1 / (2 avg_n x_n^2)", rtol=1e-10, atol=1e-12)
+    # A sample exactly at x = 0 with a linear term (n = 1): psi'' = n (n - 1) x^(n - 2) must be
+    # 0 there, but computed literally it is 0 * 0^(-1) = 0 * inf = NaN in floating point.
+    x = torch.tensor([-1.0, 0.0, 0.5, 2.0], dtype=F64)
+    S = ((x - x.mean()) ** 2).mean()
+    assert_close(fn(x, (2, 1)), torch.stack([1 / (2 * S), -x.mean() / S]),
+                 what="powers (2, 1) on samples that include x = 0",
+                 hint="for n_k = 1, n_k (n_k - 1) x^(n_k - 2) is 0 * 0^(-1) = 0 * inf = NaN at "
+                      "x = 0 in floating point; psi'' of x^1 is simply 0, so build that column "
+                      "as zeros (and never compute x^(-1))", rtol=1e-10, atol=1e-12)
     gen = torch.Generator().manual_seed(1)
     # Gaussian data, E = theta_1 x^2 + theta_2 x: the ISM solution is exactly
     # theta_1 = 1 / (2 S), theta_2 = -x_bar / S with S the biased sample variance.
@@ -88,6 +97,13 @@ def check_fit_polynomial_energy(fn):
 
 def fit_sign_flipped(x, powers):
     return -_solution("exercise_fit_polynomial_energy")(x, powers)
+
+
+def fit_literal_formula_nan_at_zero(x, powers):
+    """Right everywhere except at x = 0, where n (n - 1) x^(n - 2) = 0 * inf for n = 1."""
+    dpsi = torch.stack([n * x ** (n - 1) for n in powers], dim=1)
+    d2psi = torch.stack([n * (n - 1) * x ** (n - 2) for n in powers], dim=1)
+    return torch.linalg.solve(dpsi.T @ dpsi / len(x), d2psi.mean(0))
 
 
 def fit_missing_n_minus_one(x, powers):
@@ -266,11 +282,11 @@ def fd_ignores_h(score_fn, x, h=1e-4):
     return _solution("exercise_divergence_finite_differences")(score_fn, x, 1e-4)
 
 
-test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_tests("02", [
+EXERCISES = [
     Exercise("exercise_cubic_ism_objective", check_cubic_ism_objective,
              [cubic_trace_sign_flipped, cubic_trace_missing_factor_3, cubic_square_of_the_sum]),
     Exercise("exercise_fit_polynomial_energy", check_fit_polynomial_energy,
-             [fit_sign_flipped, fit_missing_n_minus_one]),
+             [fit_sign_flipped, fit_missing_n_minus_one, fit_literal_formula_nan_at_zero]),
     Exercise("exercise_dsm_constant_gaussian", check_dsm_constant_gaussian,
              [dsm_constant_forgot_noise_in_p_sigma, dsm_constant_diagonal_only,
               dsm_constant_isotropic_average, dsm_constant_wrong_sign]),
@@ -279,4 +295,24 @@ test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_test
               moments_central_instead_of_raw]),
     Exercise("exercise_divergence_finite_differences", check_divergence_finite_differences,
              [fd_divided_by_h, fd_all_components, fd_forward_differences, fd_ignores_h]),
-])
+]
+
+test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_tests("02", EXERCISES)
+
+
+def test_every_exercise_in_the_module_is_checked():
+    from common.exercises import list_exercises
+
+    names = [name for name, _ in list_exercises(vars(m))]
+    assert sorted(names) == sorted(ex.name for ex in EXERCISES)
+
+
+def test_literal_formula_is_right_away_from_zero():
+    """The x = 0 case is what catches fit_literal_formula_nan_at_zero: on the other cases of
+    the check it agrees with the reference, so without x = 0 it would pass."""
+    gen = torch.Generator().manual_seed(1)
+    x = 1.3 + 0.7 * torch.randn(500, generator=gen, dtype=F64)
+    torch.testing.assert_close(fit_literal_formula_nan_at_zero(x, (2, 1)),
+                               _solution("exercise_fit_polynomial_energy")(x, (2, 1)))
+    with pytest.raises(AssertionError, match="x = 0"):
+        check_fit_polynomial_energy(fit_literal_formula_nan_at_zero)

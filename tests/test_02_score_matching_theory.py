@@ -142,7 +142,7 @@ def _mc_ism_offsets(ism_fn, gen, n=4000):
     C = 0.5 * torch.trace(prec).item()  # 1/2 E|Sigma^{-1}(x - m)|^2 = 1/2 tr Sigma^{-1}
     z = []
     for net in _weight_line(_mlp(2, 4), 5):
-        diff = (m.esm_loss(net, x, lambda v: m.gaussian_score(v, mean, prec), "none")
+        diff = (m.esm_loss(net, x, lambda v: m.gaussian_score_precision(v, mean, prec), "none")
                 - ism_fn(net, x, "none", create_graph=False)).detach()
         est, se = m.mean_and_se(diff)
         z.append(abs(est.item() - C) / se.item())
@@ -191,7 +191,7 @@ def _mc_dsm_offsets(gen, target_scale=1.0, n=20_000):
     z = []
     for net in _weight_line(_mlp(D, 8), 9):
         if target_scale == 1.0:
-            dsm = m.dsm_loss(net, x0, sigma, noise=noise, reduction="none")
+            dsm = m.dsm_loss_unweighted(net, x0, sigma, noise=noise, reduction="none")
         else:  # a wrong target -(z / sigma) * scale
             dsm = 0.5 * (net(x0 + sigma * noise) + target_scale * noise / sigma).square().sum(1)
         esm = m.esm_loss(net, x0 + sigma * noise, lambda u: -(u - mean) / v, "none")
@@ -249,7 +249,7 @@ def test_stein_identity_exposes_a_wrong_score(gen):
     prec = torch.linalg.inv(p.covariance())
 
     def score_gauss(z):
-        return m.gaussian_score(z, p.mean(), prec)
+        return m.gaussian_score_precision(z, p.mean(), prec)
 
     for name, f in m.TEST_FUNCTIONS.items():
         mean, se = m.mean_and_se(m.stein_residual(score_gauss, f, x))

@@ -52,8 +52,8 @@ def test_dsm_loss_is_sigma_squared_times_module_02_loss(gen):
     x0 = torch.randn(200, 2, generator=gen, dtype=F64)
     z = torch.randn(200, 2, generator=gen, dtype=F64)
     for sigma in (0.05, 0.3, 2.0):
-        ours = m.dsm_loss(score, x0, sigma, noise=z)
-        theirs = sm02.dsm_loss(score, x0, sigma, noise=z)
+        ours = m.dsm_loss_sigma2(score, x0, sigma, noise=z)
+        theirs = sm02.dsm_loss_unweighted(score, x0, sigma, noise=z)
         torch.testing.assert_close(ours, sigma**2 * theirs)
 
 
@@ -63,8 +63,8 @@ def test_dsm_loss_broadcasts_sigma_per_sample_and_over_image_shapes(gen):
     z = torch.randn(6, 1, 3, 3, generator=gen, dtype=F64)
     sigma = torch.tensor([0.1, 0.2, 0.5, 1.0, 2.0, 5.0], dtype=F64)
     score = lambda x: -x / (1 + x.square())
-    per_sample = m.dsm_loss(score, x0, sigma, noise=z, reduction="none")
-    loop = torch.stack([m.dsm_loss(score, x0[i:i + 1], sigma[i].item(), noise=z[i:i + 1])
+    per_sample = m.dsm_loss_sigma2(score, x0, sigma, noise=z, reduction="none")
+    loop = torch.stack([m.dsm_loss_sigma2(score, x0[i:i + 1], sigma[i].item(), noise=z[i:i + 1])
                         for i in range(6)])
     torch.testing.assert_close(per_sample, loop)
     assert per_sample.shape == (6,)
@@ -76,12 +76,12 @@ def test_dsm_loss_decomposes_into_score_error_plus_floor(gen):
     Monte Carlo on 200,000 pairs (x0, z), with the same pairs for the model and for the exact
     score (common random numbers); tolerance: 4 standard errors.
     """
-    mix, sigma, n = m.mixture_2d(), 0.4, 200_000
+    mix, sigma, n = m.triangle_mixture_2d(), 0.4, 200_000
     perturbed = mix.perturbed(sigma)
     model = _random_score(gen)
     x0, z, x_noisy = _noisy_pairs(mix, sigma, n, gen)
-    loss_model = m.dsm_loss(model, x0, sigma, noise=z, reduction="none")
-    loss_exact = m.dsm_loss(perturbed.score, x0, sigma, noise=z, reduction="none")
+    loss_model = m.dsm_loss_sigma2(model, x0, sigma, noise=z, reduction="none")
+    loss_exact = m.dsm_loss_sigma2(perturbed.score, x0, sigma, noise=z, reduction="none")
     excess = sigma**2 / 2 * (model(x_noisy) - perturbed.score(x_noisy)).square().sum(1)
     diff = loss_model - loss_exact - excess  # mean zero
     assert diff.mean().abs() < 4 * diff.std() / math.sqrt(n), diff.mean()
@@ -100,7 +100,7 @@ def test_dsm_derivation_steps(gen):
     """The steps of Section 2.2: E[-z/sigma | x~] = s_sigma (through the posterior mean), the
     cross term E[s_theta . z/sigma] = -E[s_theta . s_sigma], E|z|^2 = D, and the expanded form
     J_DSM = 1/2 E|s_theta|^2 - E[s_theta . s_sigma] + D/(2 sigma^2) (Monte Carlo, 4 s.e.)."""
-    mix, sigma, n = m.mixture_2d(), 0.3, 200_000
+    mix, sigma, n = m.triangle_mixture_2d(), 0.3, 200_000
     perturbed = mix.perturbed(sigma)
     model = _random_score(gen)
     x0, z, x_noisy = _noisy_pairs(mix, sigma, n, gen)
@@ -123,7 +123,7 @@ def test_dsm_derivation_steps(gen):
 def test_floor_is_sigma_squared_times_module_02_constant(gen):
     """L*_sigma = sigma^2 C_sigma, with C_sigma = D/(2 sigma^2) - 1/2 E|s_sigma|^2 computed by
     module 02's dsm_minus_esm (per sample, so the identity holds to round-off)."""
-    sm02, mix = load_module("02"), m.mixture_2d()
+    sm02, mix = load_module("02"), m.triangle_mixture_2d()
     for sigma in (0.05, 0.4, 1.2):
         perturbed = mix.perturbed(sigma)
         x = perturbed.sample(5000, gen, dtype=F64)
@@ -136,7 +136,7 @@ def test_floor_is_the_unpredictable_part_of_the_noise(gen):
     """Section 2.3: sigma s_sigma(x~) = -E[z | x~] (E[z | x~] from the score-free posterior mean,
     pointwise), so L*_sigma = 1/2 E|z - E[z | x~]|^2 (Monte Carlo, 4 standard errors); and the
     million-sample floor of the figure agrees with it."""
-    mix, n = m.mixture_2d(), 200_000
+    mix, n = m.triangle_mixture_2d(), 200_000
     for sigma in (0.2, 1.0):
         perturbed = mix.perturbed(sigma)
         x0, z, x_noisy = _noisy_pairs(mix, sigma, n, gen)
@@ -155,7 +155,7 @@ def test_floor_is_the_unpredictable_part_of_the_noise(gen):
 def test_posterior_mean_by_gaussian_conditioning_formula(gen):
     """Section 2.5: E[x | x~] = sum_k p(k | x~) (mu_k + C_k (C_k + sigma^2 I)^{-1} (x~ - mu_k)),
     with p(k | x~) proportional to w_k N(x~; mu_k, C_k + sigma^2 I), written out by hand."""
-    mix, sigma = m.mixture_2d(), 0.4
+    mix, sigma = m.triangle_mixture_2d(), 0.4
     x_noisy = mix.perturbed(sigma).sample(500, gen, dtype=F64)
     eye = torch.eye(2, dtype=F64)
     log_r, cond = [], []
@@ -172,7 +172,7 @@ def test_posterior_mean_by_gaussian_conditioning_formula(gen):
 
 def test_learnable_part_of_the_loss_is_tiny_at_small_sigma(gen):
     """sigma^2/2 E|s_sigma|^2 is about 5e-4 at sigma = 0.01 and 0.012 at 0.05 (docstring, 2.3)."""
-    mix = m.mixture_2d()
+    mix = m.triangle_mixture_2d()
     for sigma, stated, tol in ((0.01, 5e-4, 0.5e-4), (0.05, 0.012, 0.001)):
         x = mix.perturbed(sigma).sample(100_000, gen, dtype=F64)
         learnable = 1 - m.dsm_loss_floor(mix.perturbed(sigma), sigma, x)  # D/2 - L*
@@ -185,7 +185,7 @@ def test_dsm_loss_is_the_denoising_error_of_tweedie(gen):
     x0 = torch.randn(100, 2, generator=gen, dtype=F64)
     z = torch.randn(100, 2, generator=gen, dtype=F64)
     for sigma in (0.1, 1.3):
-        per_sample = m.dsm_loss(score, x0, sigma, noise=z, reduction="none")
+        per_sample = m.dsm_loss_sigma2(score, x0, sigma, noise=z, reduction="none")
         denoised = m.tweedie_denoise(score, x0 + sigma * z, sigma)
         torch.testing.assert_close(per_sample, (denoised - x0).square().sum(1) / (2 * sigma**2))
 
@@ -194,7 +194,7 @@ def test_dsm_loss_is_the_denoising_error_of_tweedie(gen):
 @pytest.mark.parametrize("sigma", [0.05, 0.3, 1.0, 3.0])
 def test_tweedie_with_exact_score_is_the_posterior_mean(gen, sigma):
     """x~ + sigma^2 grad log p_sigma(x~) = E[x0 | x~] (Gaussian conditioning), to round-off."""
-    mixes = [m.mixture_2d(), GaussianMixture.eight_gaussians(),
+    mixes = [m.triangle_mixture_2d(), GaussianMixture.eight_gaussians(),
              GaussianMixture.isotropic([0.3, 0.7], [[-2.0], [1.5]], [0.5, 0.8])]
     for mix in mixes:
         x_noisy = mix.perturbed(sigma).sample(500, gen, dtype=F64)
@@ -206,7 +206,7 @@ def test_tweedie_with_exact_score_is_the_posterior_mean(gen, sigma):
 def test_tweedie_by_bayes_with_autograd(gen):
     """Section 2.5's middle step: grad log p_sigma (autograd of the exact log density, not the
     closed-form score) = (E[x | x~] - x~) / sigma^2."""
-    mix, sigma = m.mixture_2d(), 0.6
+    mix, sigma = m.triangle_mixture_2d(), 0.6
     x_noisy = mix.perturbed(sigma).sample(300, gen, dtype=F64).requires_grad_(True)
     (grad,) = torch.autograd.grad(mix.perturbed(sigma).log_prob(x_noisy).sum(), x_noisy)
     x_noisy = x_noisy.detach()
@@ -234,7 +234,7 @@ def test_minimum_denoising_error_and_cross_term(gen):
     """E|E[x|x~] - x|^2 = sigma^2 (D - sigma^2 E|s_sigma|^2); for any denoiser xhat(x~) the
     cross term E[(xhat - m) . (m - x)] is 0 (m = E[x|x~]), so E|xhat - x|^2 = E|m - x|^2 +
     E|xhat - m|^2; and xhat - m = sigma^2 (s - s_sigma) (Monte Carlo, 4 standard errors)."""
-    mix, sigma, n = m.mixture_2d(), 0.5, 200_000
+    mix, sigma, n = m.triangle_mixture_2d(), 0.5, 200_000
     perturbed = mix.perturbed(sigma)
     x0 = mix.sample(n, gen, dtype=F64)
     x_noisy = x0 + sigma * torch.randn(n, 2, generator=gen, dtype=F64)
@@ -261,7 +261,7 @@ def test_minimum_denoising_error_and_cross_term(gen):
 
 # -- measuring a learned score ----------------------------------------------------------------
 def test_relative_error_and_hdr_threshold(gen):
-    mix = m.mixture_2d()
+    mix = m.triangle_mixture_2d()
     x = mix.sample(1000, gen, dtype=F64)
     assert m.relative_error(mix.score, mix.score, x) == 0.0
     assert m.relative_error(lambda y: 3 * mix.score(y), mix.score, x) == pytest.approx(4.0)
@@ -276,7 +276,7 @@ def test_relative_error_and_hdr_threshold(gen):
 
 def test_score_bias_grows_with_sigma(gen):
     """B_sigma = E_p|s_sigma - s|^2 / E_p|s|^2 rises with sigma (Section 2.6), from 0 at sigma 0."""
-    mix = m.mixture_2d()
+    mix = m.triangle_mixture_2d()
     x = mix.sample(20_000, gen, dtype=F64)
     bias = [m.score_bias(mix, s, x) for s in (1e-3, 0.05, 0.2, 0.5, 1.0, 2.0)]
     assert bias[0] < 1e-4
@@ -287,8 +287,8 @@ def _train_quick(seed: int):
     """The quick-sized training run of the module at sigma = 0.5, fully seeded."""
     gen = torch.Generator().manual_seed(seed)
     cfg = m.Config.quick()
-    mix = m.mixture_2d()
-    net = m.make_score_net(2, cfg.hidden, gen)
+    mix = m.triangle_mixture_2d()
+    net = m.seeded_mlp_score_net(2, cfg.hidden, gen)
     history = m.train_dsm(net, m.mixture_sampler(mix, gen), QUICK_SIGMA, cfg, gen, "test")
     return net, history
 
@@ -303,15 +303,16 @@ def test_trained_net_learns_the_perturbed_score(quick_net):
     density-weighted relative error against the exact perturbed mixture score is below the
     stated bound, and it is far below what the untrained network or the clean score give."""
     net, history = quick_net
-    mix, gen = m.mixture_2d(), torch.Generator().manual_seed(99)
+    mix, gen = m.triangle_mixture_2d(), torch.Generator().manual_seed(99)
     _, _, grid = grid_points(m.BOX, m.BOX, 41)
     e = m.score_errors(net, mix, QUICK_SIGMA, 20_000, grid, gen)
     assert e["R"] < QUICK_BOUND, e["R"]
     # the clean score is the wrong target: its error against s_sigma is much larger
     x = mix.perturbed(QUICK_SIGMA).sample(20_000, gen, dtype=F64)
     assert m.relative_error(mix.score, mix.perturbed(QUICK_SIGMA).score, x) > 10 * e["R"]
-    untrained = m.make_score_net(2, 128, torch.Generator().manual_seed(0))
-    assert m.relative_error(m.as_score_fn(untrained), mix.perturbed(QUICK_SIGMA).score, x) > 0.5
+    untrained = m.seeded_mlp_score_net(2, 128, torch.Generator().manual_seed(0))
+    untrained_score = m.as_score_fn_no_grad(untrained)
+    assert m.relative_error(untrained_score, mix.perturbed(QUICK_SIGMA).score, x) > 0.5
     # the training loss ends near its floor L*_sigma
     assert history["loss"][-50:].mean() == pytest.approx(e["floor"], abs=0.02)
 
@@ -329,7 +330,7 @@ def test_learned_tweedie_is_close_to_the_posterior_mean(quick_net):
     is under a fifth of the RMS length of the exact denoising step, and the learned denoiser's
     mean squared error is within 5% of the minimum (the posterior mean's)."""
     net, _ = quick_net
-    mix, gen = m.mixture_2d(), torch.Generator().manual_seed(5)
+    mix, gen = m.triangle_mixture_2d(), torch.Generator().manual_seed(5)
     t = m.tweedie_numbers(mix, net, QUICK_SIGMA, 20_000, gen)
     assert t["exact_max_err"] < 1e-12
     step = (t["posterior"] - t["x_noisy"]).square().sum(1).mean().sqrt().item()
@@ -346,11 +347,11 @@ def test_low_density_error_exceeds_high_density_error():
     below the outside one, which the loss hardly constrains. (The default run: over 10 times.)
     """
     gen = torch.Generator().manual_seed(0)
-    cfg, mix = m.Config(steps=1000), m.mixture_2d()
-    net = m.make_score_net(2, cfg.hidden, gen)
+    cfg, mix = m.Config(steps=1000), m.triangle_mixture_2d()
+    net = m.seeded_mlp_score_net(2, cfg.hidden, gen)
     m.train_dsm(net, m.mixture_sampler(mix, gen), QUICK_SIGMA, cfg, gen, "test")
     _, _, grid = grid_points(m.BOX, m.BOX, 41)
-    e = m.score_errors(net, m.mixture_2d(), QUICK_SIGMA, 20_000, grid,
+    e = m.score_errors(net, m.triangle_mixture_2d(), QUICK_SIGMA, 20_000, grid,
                        torch.Generator().manual_seed(3))
     assert e["R_low"] > 2 * e["R_high"], e
 
@@ -359,7 +360,7 @@ def test_make_score_net_leaves_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    m.make_score_net(2, 16, torch.Generator().manual_seed(1))
+    m.seeded_mlp_score_net(2, 16, torch.Generator().manual_seed(1))
     torch.testing.assert_close(torch.rand(3), expected)
 
 
@@ -419,14 +420,14 @@ def test_swiss_roll_radius_runs_along_the_curve(gen):
 
 def test_mean_and_se():
     values = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=F64)
-    mean, se = m.mean_and_se(values)
+    mean, se = m.mean_and_se_float(values)
     assert mean == 3.0 and se == pytest.approx(values.std().item() / 2)
 
 
 def test_sigma_range_keeps_a_low_density_region():
     """At the largest allowed sigma the quick grid still has points outside the 99% region
     (so the 'outside' error is defined); at 1.8 it has none (why the range stops at 1.5)."""
-    mix, gen = m.mixture_2d(), torch.Generator().manual_seed(0)
+    mix, gen = m.triangle_mixture_2d(), torch.Generator().manual_seed(0)
     _, _, grid = grid_points(m.BOX, m.BOX, m.Config.quick().grid)
     outside = {}
     for sigma in (m.SIGMA_RANGE[1], 1.8):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common.datasets import GaussianMixture
-from common.exercises import Exercise, assert_close, exercise_tests
+from common.exercises import Exercise, assert_close, call_checked, exercise_tests
 from common.modules import load_module
 from common.plotting import grid_points
 
@@ -28,7 +28,7 @@ def _spd(gen, D):
 
 def _mixture():
     """A 2D mixture with full covariances (the one of module 04)."""
-    return load_module("04").mixture_2d()
+    return load_module("04").triangle_mixture_2d()
 
 
 # -- 4.1 perturbed Gaussian score -------------------------------------------------------------
@@ -39,15 +39,31 @@ def check_perturbed_gaussian_score(fn):
         x = 2 * torch.randn(40, D, generator=gen, dtype=F64)
         for sigma in (0.3, 1.5):
             expected = GaussianMixture([1.0], mean[None], cov[None]).perturbed_score(x, sigma)
-            assert_close(fn(x, mean, cov, sigma), expected,
-                         what=f"perturbed score of a {D}D Gaussian, sigma={sigma}",
-                         hint="x~ = x + sigma z has covariance cov + sigma^2 I (variances add); "
-                              "the score is -(cov + sigma^2 I)^{-1} (x~ - mean)",
+            what = f"perturbed score of a {D}D Gaussian, sigma={sigma}"
+            got = call_checked(fn, x, mean, cov, sigma, what=what,
+                               hint="x holds one point per ROW; the (D, D) matrix acts on each "
+                                    "row, so solve against (x - mean).T and transpose back")
+            assert_close(got, expected, what=what,
+                         hint="x~ = x + sigma z is a sum of two independent Gaussians: what "
+                              "is its covariance? Then use the Gaussian score of module 01",
+                         formula="s_sigma(x~) = -(cov + sigma^2 I)^{-1} (x~ - mean)",
+                         mistakes=[(perturbed_score_without_noise(x, mean, cov, sigma),
+                                    "this is the score of the clean Gaussian: the noise "
+                                    "sigma z adds to the covariance"),
+                                   (perturbed_score_sigma_not_squared(x, mean, cov, sigma),
+                                    "sigma enters the covariance as a variance, sigma^2"),
+                                   (-expected, "the sign: the score points towards the mean")],
                          rtol=1e-8, atol=1e-10)
 
 
 def perturbed_score_without_noise(x, mean, cov, sigma):
     return -torch.linalg.solve(cov, (x - mean).T).T
+
+
+def perturbed_score_not_transposed(x, mean, cov, sigma):
+    """Solves against (x - mean) of shape (N, D) as if it were (D, N): a shape error."""
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+    return -torch.linalg.solve(cov + sigma**2 * eye, x - mean)
 
 
 def perturbed_score_sigma_not_squared(x, mean, cov, sigma):
@@ -74,10 +90,11 @@ def check_scaled_dsm_loss(fn):
                      hint="evaluate the score at x~ = scale * x0 + sigma * z; the weighted "
                           "residual is sigma * s(x~) + z; average 1/2 |residual|^2 over the "
                           "batch", rtol=1e-10, atol=1e-12)
-    # for scale = 1 it is the module's dsm_loss
+    # for scale = 1 it is the module's dsm_loss_sigma2
     m = load_module("04")
-    assert_close(fn(_model_score, x0, 1.0, 0.3, z), m.dsm_loss(_model_score, x0, 0.3, noise=z),
-                 what="scale = 1 against dsm_loss of Section 3.1", rtol=1e-10, atol=1e-12)
+    assert_close(fn(_model_score, x0, 1.0, 0.3, z),
+                 m.dsm_loss_sigma2(_model_score, x0, 0.3, noise=z),
+                 what="scale = 1 against dsm_loss_sigma2 of Section 3.1", rtol=1e-10, atol=1e-12)
 
 
 def scaled_dsm_forgets_scale(score_fn, x0, scale, sigma, noise):
@@ -170,7 +187,8 @@ def hdr_mass_of_the_outside(log_p_grid, cell_area, log_c):
 
 EXERCISES = [
     Exercise("exercise_perturbed_gaussian_score", check_perturbed_gaussian_score,
-             [perturbed_score_without_noise, perturbed_score_sigma_not_squared]),
+             [perturbed_score_without_noise, perturbed_score_sigma_not_squared,
+              perturbed_score_not_transposed]),
     Exercise("exercise_scaled_dsm_loss", check_scaled_dsm_loss,
              [scaled_dsm_forgets_scale, scaled_dsm_unweighted, scaled_dsm_sign_error]),
     Exercise("exercise_scaled_tweedie", check_scaled_tweedie,
@@ -211,3 +229,19 @@ def test_examples_in_docstrings_hold():
     assert not torch.allclose(no_division, mass.expand(5, 2))
     assert not torch.allclose(no_division * scale, mass.expand(5, 2))  # multiplied instead
     torch.testing.assert_close(sol.exercise_noise_prediction(lambda y: -y / 4, x, 2.0), x / 2)
+
+
+def test_perturbed_score_messages(monkeypatch):
+    """4.1: a transposed solve is reported as a shape problem, not a raw RuntimeError; a known
+    mistake is named; the formula is shown only with SBGM_SHOW_SOLUTION=1."""
+    monkeypatch.delenv("SBGM_SHOW_SOLUTION", raising=False)
+    with pytest.raises(AssertionError) as info:
+        check_perturbed_gaussian_score(perturbed_score_not_transposed)
+    assert "raised RuntimeError" in str(info.value) and "one point per ROW" in str(info.value)
+    with pytest.raises(AssertionError) as info:
+        check_perturbed_gaussian_score(perturbed_score_without_noise)
+    message = str(info.value)
+    assert "score of the clean Gaussian" in message and "(cov + sigma^2 I)^{-1}" not in message
+    monkeypatch.setenv("SBGM_SHOW_SOLUTION", "1")
+    with pytest.raises(AssertionError, match=r"formula: s_sigma\(x~\) = -\(cov \+ sigma\^2"):
+        check_perturbed_gaussian_score(perturbed_score_sigma_not_squared)

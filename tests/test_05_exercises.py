@@ -250,6 +250,11 @@ def _sigma_hint(got, cov, floor, f_got):
          "your F_floor uses sigma where the covariance needs sigma^2 (Sigma + sigma^2 I)"),
     ]
     for wrong, hint in diagnoses:
+        # A diagnosis names a mistake only where that mistake gives a *different* sigma: with
+        # Sigma = I and floor 1/8 the true sigma is 1 = sigma^2, and an answer that is merely
+        # imprecise (a loose root-finder) must not be told it returned a variance.
+        if math.isclose(wrong, truth, rel_tol=1e-3):
+            continue
         if math.isclose(got, wrong, rel_tol=1e-5):
             return hint
     side = "large" if f_got > floor else "small"
@@ -301,6 +306,11 @@ def floor_missing_half(cov, floor):
     return _solve(lambda s: (s**4 / (lam * (lam + s**2) ** 2)).sum().item(), floor)
 
 
+def loose_root_finder(cov, floor):
+    """The right equation, solved only to about 1e-5 relative: no sigma^2 mistake anywhere."""
+    return load_solutions("05").exercise_sigma_for_floor(cov, floor) * (1 + 2e-6)
+
+
 def too_few_bisection_steps(cov, floor):
     lam = torch.linalg.eigvalsh(cov)
     lo, hi = 1e-3, 1e2
@@ -320,7 +330,7 @@ EXERCISES = [
              [variance_reduced_instead, missing_half, trace_term_only]),
     Exercise("exercise_sigma_for_floor", check_sigma_for_floor,
              [small_sigma_expansion, variance_not_std, floor_unweighted, floor_missing_half,
-              too_few_bisection_steps]),
+              too_few_bisection_steps, loose_root_finder]),
 ]
 
 test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_tests("05", EXERCISES)
@@ -345,3 +355,17 @@ def test_examples_in_docstrings_hold():
                                         torch.tensor([[1.0, 1.0]]))
     assert out.item() == pytest.approx(-1.5)
     assert sol.exercise_sigma_for_floor(torch.eye(1, dtype=F64), 0.125) == pytest.approx(1.0)
+
+
+def test_sigma_hint_names_only_mistakes_that_were_made():
+    """5.4: at the worked example (Sigma = I, floor 1/8) the true sigma is 1 = sigma^2, so an
+    imprecise but otherwise right answer used to be told it returned a variance. It is now told
+    about convergence; a real variance-for-std answer (elsewhere) is still named."""
+    with pytest.raises(AssertionError) as info:
+        check_sigma_for_floor(loose_root_finder)
+    message = str(info.value)
+    assert "Sigma = I (D = 1)" in message, message  # it fails at the worked example
+    assert "sigma^2 (the noise variance)" not in message and "root-finder" in message, message
+    with pytest.raises(AssertionError) as info:
+        check_sigma_for_floor(variance_not_std)
+    assert "sigma^2 (the noise variance)" in str(info.value)

@@ -319,7 +319,7 @@ def test_dsm_optimum_floor_and_constant(sigma, gen):
     assert m.linear_fisher_divergence(W, b, target.means[0], target.covs[0]) == \
         pytest.approx(floor, rel=1e-9)
     x0 = m.sample_gaussian(target, 200_000, gen, F64)
-    dsm = sm02.dsm_loss(m.linear_score_model(W, b), x0, sigma, generator=gen,
+    dsm = sm02.dsm_loss_unweighted(m.linear_score_model(W, b), x0, sigma, generator=gen,
                         reduction="none").detach()
     c_sigma = 5 / (2 * sigma**2) - 0.5 * torch.trace(target.perturbed(sigma).precisions[0])
     assert abs(_z(dsm, c_sigma)) < Z_MAX
@@ -332,7 +332,7 @@ def test_training_with_ssm_vr_recovers_the_gaussian(gen):
     model = m.linear_score_model(torch.zeros(10, 10), torch.zeros(10))
     mean, cov = target.means[0], target.covs[0]
     start = m.linear_fisher_divergence(model.weight, model.bias, mean, cov)
-    steps = list(m.training_steps(model, lambda mod, x: m.ssm_vr_loss(mod, x, generator=gen),
+    steps = list(m.timed_training_steps(model, lambda mod, x: m.ssm_vr_loss(mod, x, generator=gen),
                                   lambda: m.sample_gaussian(target, 128, gen), 300, 1e-2))
     assert [s for s, _, _ in steps] == list(range(300))
     assert all(seconds > 0 for _, _, seconds in steps)

@@ -65,7 +65,7 @@ def check_weighted_dsm_loss(fn):
                  rtol=1e-10, atol=1e-12)
     mix = GaussianMixture.eight_gaussians()
     score = lambda x, s: mix.perturbed_score(x, 0.0) + 0.3 * x * s[:, None]  # some (x, sigma) map
-    expected = m.dsm_loss(score, x0, sigma, z)
+    expected = m.conditional_dsm_loss(score, x0, sigma, z)
     assert_close(fn(score, x0, sigma, z), expected,
                  what="loss of a score that depends on x and sigma, 64 samples",
                  hint="call score_fn(x0 + sigma z, sigma) with the per-sample sigma (N,)",

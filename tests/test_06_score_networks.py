@@ -108,7 +108,7 @@ def _train_nc(scale_output: bool, steps: int = 400):
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, m.warmup_lr_lambda(50))
     ema = m.EMA(net, 0.98)
-    loop = m.training_loop(net, opt, lambda n, x0: m.noise_conditional_loss(n, x0, sigmas, gen),
+    loop = m.training_iterator(net, opt, lambda n, x0: m.noise_conditional_loss(n, x0, sigmas, gen),
                            lambda: data.sample(256, gen, dtype=torch.float32), steps, sched, ema,
                            grad_clip=1.0)
     for _ in loop:
@@ -198,7 +198,7 @@ def test_gradient_reaching_the_output_with_and_without_scaling():
     for scaled in (True, False):
         f = f0.clone().requires_grad_(True)
         score = (lambda x, s: f / s[:, None]) if scaled else (lambda x, s: f)
-        m.dsm_loss(score, x0, sig, z).sum().backward()
+        m.conditional_dsm_loss(score, x0, sig, z).sum().backward()
         grads[scaled] = f.grad
     torch.testing.assert_close(grads[True], f0 + z)
     torch.testing.assert_close(grads[False], sigma * (sigma * f0 + z))
@@ -217,7 +217,7 @@ def test_untrained_loss_is_about_half_of_f_squared_plus_d():
         for sigma in (0.02, 0.2, 4.0):
             x0, z = data.sample(n, gen), torch.randn(n, 2, generator=gen)
             sig = torch.full((n,), sigma)
-            loss = m.dsm_loss(net, x0, sig, z)
+            loss = m.conditional_dsm_loss(net, x0, sig, z)
             f_sq = (sigma * net(x0 + sigma * z, sig)).square().sum(1)
             se = loss.std().item() / math.sqrt(n)
             assert loss.mean().item() > 1.0 - 5 * se  # not below D/2 = 1
@@ -292,7 +292,7 @@ def test_weighted_dsm_loss_floor_and_excess(sigma):
     z = torch.randn(x0.shape, generator=gen, dtype=F64)
     sig = torch.full((n,), sigma, dtype=F64)
     exact = lambda x, s: data.perturbed_score(x, sigma)
-    loss = m.dsm_loss(exact, x0, sig, z)
+    loss = m.conditional_dsm_loss(exact, x0, sig, z)
     s_star = exact(x0 + sigma * z, sig)
     exact_sq = s_star.square().sum(1)
     # the step of Section 2.6: E[s* . z] = E[s* . E[z | x]] = -sigma E|s*|^2
@@ -303,11 +303,12 @@ def test_weighted_dsm_loss_floor_and_excess(sigma):
     assert abs(diff.mean()) < 5 * diff.std() / math.sqrt(n)
     assert 0 <= floor.mean() <= 1.0
     delta = torch.tensor([0.3, -0.2], dtype=F64) / sigma
-    shifted = m.dsm_loss(lambda x, s: exact(x, s) + delta, x0, sig, z)
+    shifted = m.conditional_dsm_loss(lambda x, s: exact(x, s) + delta, x0, sig, z)
     gap = shifted - loss - 0.5 * sigma**2 * delta.square().sum()
     assert abs(gap.mean()) < 5 * gap.std() / math.sqrt(n)
     # the unweighted loss is the weighted one divided by sigma^2
-    torch.testing.assert_close(m.dsm_loss(exact, x0, sig, z, weighting="none"), loss / sigma**2)
+    unweighted = m.conditional_dsm_loss(exact, x0, sig, z, weighting="none")
+    torch.testing.assert_close(unweighted, loss / sigma**2)
 
 
 def test_loss_floor_is_denoising_error_and_not_monotone_for_the_mixture():
@@ -420,7 +421,7 @@ def test_train_step_clips_the_gradient_norm():
     net = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(net.parameters(), lr=0.0)  # lr 0: look at the gradients only
     loss = 100 * net(torch.randn(8, 3)).square().sum()
-    norm = m.train_step(net, opt, loss, grad_clip=0.5)
+    norm = m.optimizer_step(net, opt, loss, grad_clip=0.5)
     after = torch.cat([p.grad.flatten() for p in net.parameters()]).norm()
     assert norm > 0.5 and after.item() == pytest.approx(0.5, rel=1e-5)
 
@@ -433,7 +434,7 @@ def test_training_loop_yields_per_level_losses_and_updates_ema():
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     ema = m.EMA(net, 0.9)
-    infos = list(m.training_loop(net, opt, lambda n, x0: m.noise_conditional_loss(n, x0, sigmas,
+    infos = list(m.training_iterator(net, opt, lambda n, x0: m.noise_conditional_loss(n, x0, sigmas,
                                                                                   gen),
                                  lambda: data.sample(200, gen, dtype=torch.float32), 7,
                                  ema=ema, grad_clip=1.0))
@@ -448,7 +449,7 @@ def test_annealed_langevin_with_exact_score_reaches_the_data():
     sigmas = m.GeometricNoise(0.02, 4.0, 10).levels(F64)
     gen = torch.Generator().manual_seed(0)
     x = 4.0 * torch.randn(1500, 2, generator=gen, dtype=F64)
-    xs = m.annealed_langevin(m.exact_score_fn(data), x, sigmas, 50, 0.3, gen)
+    xs = m.annealed_langevin(m.exact_noise_score_fn(data), x, sigmas, 50, 0.3, gen)
     ref = data.sample(1500, gen, dtype=F64)
     floor = sliced_wasserstein(data.sample(1500, gen, dtype=F64), ref, 256,
                                generator=torch.Generator().manual_seed(1))

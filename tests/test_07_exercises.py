@@ -179,7 +179,7 @@ def levels_rounded_down(sigma_max, sigma_min, dim, target):
     return 1 + int(math.log(sigma_max / sigma_min) / math.log(gamma))  # last gap too wide
 
 
-test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_tests("07", [
+EXERCISES = [
     Exercise("exercise_merge_sigma", check_merge_sigma,
              [merge_ignores_data_width, merge_rule_of_thumb]),
     Exercise("exercise_ncsnv2_variance_ratio", check_ncsnv2_variance_ratio,
@@ -188,4 +188,14 @@ test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_test
              [bias_same_at_every_level, bias_first_order]),
     Exercise("exercise_levels_for_overlap", check_levels_for_overlap,
              [levels_std_sigma, levels_rounded_down]),
-])
+]
+
+test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_tests("07", EXERCISES)
+
+
+def test_every_exercise_in_the_module_is_checked():
+    from common.exercises import list_exercises
+    from common.modules import load_module
+
+    names = [name for name, _ in list_exercises(vars(load_module("07")))]
+    assert sorted(names) == sorted(ex.name for ex in EXERCISES)

@@ -21,11 +21,17 @@ def ladder(sigma_max=20.0, sigma_min=0.01, n=20):
     return m6.GeometricNoise(sigma_min, sigma_max, n).levels(F64)
 
 
+def final_state(*args, **kwargs):
+    """The end point of annealed_langevin_states (07 has no separate end-point function)."""
+    *_, x = m.annealed_langevin_states(*args, **kwargs)
+    return x
+
+
 def annealed_exact(n, steps, seed, r=0.3, sigma_max=20.0):
     sig = ladder(sigma_max)  # the module's L = 20
     x0 = m.prior_sample(n, (2,), sigma_max, torch.Generator().manual_seed(seed))
-    return m.annealed_langevin(m6.exact_score_fn(DATA), x0, sig, eps=r * sig[-1].item() ** 2,
-                               n_steps=steps, generator=torch.Generator().manual_seed(seed + 1))
+    return final_state(m6.exact_noise_score_fn(DATA), x0, sig, step_size=r * sig[-1].item() ** 2,
+                       n_steps=steps, generator=torch.Generator().manual_seed(seed + 1))
 
 
 # -- Must verify 1: exact perturbed scores recover the 0.8/0.2 weights within 0.05 --
@@ -91,7 +97,7 @@ def trained_model():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, m6.warmup_lr_lambda(50))
     ema = m6.EMA(model, 0.99)
     gen = torch.Generator().manual_seed(1)
-    loop = m6.training_loop(model, opt,
+    loop = m6.training_iterator(model, opt,
                             lambda mdl, x0: m6.noise_conditional_loss(mdl, x0, sig.float(), gen),
                             lambda: DATA.sample(256, gen, dtype=torch.float32), 800,
                             scheduler=sched, ema=ema, grad_clip=1.0)
@@ -105,26 +111,26 @@ LEARNED_FACTOR = 2.0  # stated in the module's summary: SW2 learned / SW2 exact 
 
 def test_learned_ncsn_distance_within_factor_of_exact(trained_model):
     n, steps, sig = 1000, 50, ladder()
-    kw = {"eps": 0.3 * sig[-1].item() ** 2, "n_steps": steps}
+    kw = {"step_size": 0.3 * sig[-1].item() ** 2, "n_steps": steps}
     x0 = m.prior_sample(n, (2,), 20.0, torch.Generator().manual_seed(5))
-    exact = m.annealed_langevin(m6.exact_score_fn(DATA), x0, sig, **kw,
-                                generator=torch.Generator().manual_seed(6))
-    learned = m.annealed_langevin(m.learned_score_fn(trained_model), x0, sig, **kw,
-                                  generator=torch.Generator().manual_seed(6))
+    exact = final_state(m6.exact_noise_score_fn(DATA), x0, sig, **kw,
+                        generator=torch.Generator().manual_seed(6))
+    learned = final_state(m.learned_score_fn(trained_model), x0, sig, **kw,
+                          generator=torch.Generator().manual_seed(6))
     ref = DATA.sample(n, torch.Generator().manual_seed(7), dtype=F64)
-    q_exact, q_learned = (m.sample_quality(x, ref, seed=0) for x in (exact, learned))
+    q_exact, q_learned = (m.sw_and_mmd(x, ref, seed=0) for x in (exact, learned))
     assert q_learned["sw"] < LEARNED_FACTOR * q_exact["sw"], (q_learned, q_exact)
     # the better-founded comparison of the summary: no error beyond the weights, i.e. each
     # sample is about as far from the data as perfect components with its own weights
     for x, q in [(exact, q_exact), (learned, q_learned)]:
         control = m.same_weights_control(DATA, m.heavy_weight(x, DATA), n,
                                          torch.Generator().manual_seed(9))
-        assert 0.8 < q["sw"] / m.sample_quality(control, ref, seed=0)["sw"] < 1.25
+        assert 0.8 < q["sw"] / m.sw_and_mmd(control, ref, seed=0)["sw"] < 1.25
     # the check can fail: an untrained network is far worse
     untrained = m6.NoiseConditionalScoreNet(dim=2, hidden=64, embed_dim=32, generator=0).eval()
-    bad = m.annealed_langevin(m.learned_score_fn(untrained), x0, sig, **kw,
-                              generator=torch.Generator().manual_seed(6))
-    assert m.sample_quality(bad, ref, seed=0)["sw"] > LEARNED_FACTOR * q_exact["sw"]
+    bad = final_state(m.learned_score_fn(untrained), x0, sig, **kw,
+                      generator=torch.Generator().manual_seed(6))
+    assert m.sw_and_mmd(bad, ref, seed=0)["sw"] > LEARNED_FACTOR * q_exact["sw"]
 
 
 def test_data_baseline_is_not_a_floor():
@@ -135,7 +141,7 @@ def test_data_baseline_is_not_a_floor():
     base = m.data_baseline(DATA, ref, 8, seed=0)
     matched = m.same_weights_control(DATA, m.heavy_weight(ref, DATA), n,
                                      torch.Generator().manual_seed(1))
-    assert m.sample_quality(matched, ref, seed=0)["sw"] < base["sw"], base
+    assert m.sw_and_mmd(matched, ref, seed=0)["sw"] < base["sw"], base
 
 
 # -- the ladder rules --
@@ -276,12 +282,12 @@ def test_distances_of_a_pure_weight_error():
     n, dw = 3000, 0.3
     ref = m.same_weights_control(DATA, 0.8, n, torch.Generator().manual_seed(0))
     x = m.same_weights_control(DATA, 0.8 - dw, n, torch.Generator().manual_seed(1))
-    q = m.sample_quality(x, ref, seed=0)
+    q = m.sw_and_mmd(x, ref, seed=0)
     assert q["mmd"] == pytest.approx(2 / 3 * dw**2, rel=0.15), q
     assert 0.33 < q["sw"] ** 2 / (dw * 200) < 0.47, q  # "about 0.4 survives"
     # the unbiased MMD^2 of two draws of the same law scatters around 0, by about 1/n
     same = m.same_weights_control(DATA, 0.8, n, torch.Generator().manual_seed(2))
-    assert abs(m.sample_quality(same, ref, seed=0)["mmd"]) < 3 / n
+    assert abs(m.sw_and_mmd(same, ref, seed=0)["mmd"]) < 3 / n
 
 
 def test_levels_shown_match_the_prose():
@@ -305,11 +311,12 @@ def test_summary_marks():
 def test_generator_yields_each_level_and_denoised_state():
     sig = ladder(n=4)
     x0 = torch.zeros(5, 2, dtype=F64)
-    states = list(m.annealed_langevin_states(m6.exact_score_fn(DATA), x0, sig, eps=1e-5,
-                                             n_steps=3, generator=torch.Generator().manual_seed(0)))
+    states = list(m.annealed_langevin_states(m6.exact_noise_score_fn(DATA), x0, sig,
+                                             step_size=1e-5, n_steps=3,
+                                             generator=torch.Generator().manual_seed(0)))
     assert len(states) == 5 and all(s.shape == (5, 2) for s in states)
-    no_denoise = list(m.annealed_langevin_states(m6.exact_score_fn(DATA), x0, sig, eps=1e-5,
-                                                 n_steps=3,
+    no_denoise = list(m.annealed_langevin_states(m6.exact_noise_score_fn(DATA), x0, sig,
+                                                 step_size=1e-5, n_steps=3,
                                                  generator=torch.Generator().manual_seed(0),
                                                  denoise=False))
     assert len(no_denoise) == 4
@@ -319,21 +326,21 @@ def test_generator_yields_each_level_and_denoised_state():
 def test_final_denoising_step_is_the_posterior_mean():
     sig = torch.tensor([3.0, 0.5], dtype=F64)
     x0 = m.prior_sample(50, (2,), 3.0, torch.Generator().manual_seed(0))
-    *_, last, denoised = m.annealed_langevin_states(m6.exact_score_fn(DATA), x0, sig, eps=0.05,
-                                                     n_steps=5,
+    *_, last, denoised = m.annealed_langevin_states(m6.exact_noise_score_fn(DATA), x0, sig,
+                                                     step_size=0.05, n_steps=5,
                                                      generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(denoised, DATA.posterior_mean(last, 0.5))
 
 
 def test_agrees_with_module_06_sketch():
-    """06's annealed_langevin(step_ratio) equals ours with eps = step_ratio * sigma_L^2."""
+    """06's annealed_langevin(step_ratio) equals ours with step_size = step_ratio * sigma_L^2."""
     sig = ladder(n=5)
     x0 = m.prior_sample(20, (2,), 20.0, torch.Generator().manual_seed(0))
-    ours = m.annealed_langevin(m6.exact_score_fn(DATA), x0, sig, eps=0.3 * sig[-1].item() ** 2,
-                               n_steps=7, generator=torch.Generator().manual_seed(1))
+    ours = final_state(m6.exact_noise_score_fn(DATA), x0, sig, step_size=0.3 * sig[-1].item() ** 2,
+                       n_steps=7, generator=torch.Generator().manual_seed(1))
     with pytest.raises(TypeError):  # the step arguments are keyword-only (06's order differs)
-        m.annealed_langevin(m6.exact_score_fn(DATA), x0, sig, 7, 0.3)
-    theirs = m6.annealed_langevin(m6.exact_score_fn(DATA), x0, sig, 7, 0.3,
+        list(m.annealed_langevin_states(m6.exact_noise_score_fn(DATA), x0, sig, 7, 0.3))
+    theirs = m6.annealed_langevin(m6.exact_noise_score_fn(DATA), x0, sig, 7, 0.3,
                                   torch.Generator().manual_seed(1))
     torch.testing.assert_close(ours, theirs)
 
@@ -365,7 +372,7 @@ def test_conv_net_shapes_scaling_and_training_step():
     losses = []
     for _ in range(30):
         loss, _ = m6.noise_conditional_loss(net, x0, sig, torch.Generator().manual_seed(0))
-        m6.train_step(net, opt, loss)
+        m6.optimizer_step(net, opt, loss)
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses[::10]
 

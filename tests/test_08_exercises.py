@@ -99,17 +99,65 @@ def euler_with_sde_drift(sde, score_fn, x_T, n_steps, eps=1e-3):
     return x
 
 
-# -- 8.3 DDPM ancestral step --------------------------------------------------------------------
+# -- 8.3 DDPM ancestral step, derived ----------------------------------------------------------
+def _gaussian_step_setting(c, m, abar_prev, beta):
+    """Data N(m, c I) in 2D. Returns the laws of x_{i-1} and x_i as (mean, var), alpha_bar_i,
+    and the exact noise predictor eps(x_i) = -sqrt(1 - alpha_bar_i) grad log p_i(x_i)."""
+    mean1, var1 = math.sqrt(abar_prev) * m, abar_prev * c + 1 - abar_prev  # p_{i-1}
+    mean2, var2 = math.sqrt(1 - beta) * mean1, (1 - beta) * var1 + beta  # p_i
+    abar = abar_prev * (1 - beta)
+    eps_of = lambda x: math.sqrt(1 - abar) * (x - mean2) / var2
+    return (mean1, var1), (mean2, var2), abar, eps_of
+
+
 def check_ddpm_ancestral_step(fn):
+    m0 = torch.tensor([0.7, -1.2], dtype=F64)
+    x1 = torch.ones(1, 1, dtype=F64)
+    assert_close(fn(x1, 0 * x1, 0.19, 0.5, 0.0, 0 * x1), torch.tensor([[1 / 0.9]], dtype=F64),
+                 what="the worked example (x = 1, eps_pred = 0, beta = 0.19)",
+                 hint="with no predicted noise the step only undoes the shrinking of the "
+                      "forward step", rtol=1e-10)
     gen = _gen(7)
-    x, eps, z = torch.randn(3, 30, 2, generator=gen, dtype=F64).unbind()
-    for beta, abar, sig in ((0.02, 0.5, 0.1), (0.2, 0.9, 0.3), (1e-4, 1e-3, 0.0)):
-        score = -eps / math.sqrt(1 - abar)
-        expected = (x + beta * score) / math.sqrt(1 - beta) + sig * z
-        assert_close(fn(x, eps, beta, abar, sig, z), expected,
-                     what=f"DDPM step with beta={beta}, alpha_bar={abar}, sigma={sig}",
-                     hint="substitute s = -eps / sqrt(1 - alpha_bar) into (x + beta s) / "
-                          "sqrt(1 - beta), then add sigma z", rtol=1e-10)
+    for c, abar_prev, beta in ((0.5, 0.9, 0.02), (2.0, 0.3, 0.2), (0.05, 0.99, 0.4)):
+        (mean1, var1), (mean2, var2), abar, eps_of = _gaussian_step_setting(c, m0, abar_prev,
+                                                                            beta)
+        x = mean2 + math.sqrt(var2) * torch.randn(30, 2, generator=gen, dtype=F64)
+        # Gaussian conditioning: Cov(x_{i-1}, x_i) = sqrt(1 - beta) var1 (per coordinate)
+        posterior_mean = mean1 + math.sqrt(1 - beta) * var1 / var2 * (x - mean2)
+        z = torch.randn(30, 2, generator=gen, dtype=F64)
+        assert_close(fn(x, eps_of(x), beta, abar, 0.0, z), posterior_mean,
+                     what=f"sigma_i = 0 on Gaussian data (c={c}, alpha_bar_i={abar:.3g}, "
+                          f"beta_i={beta}): E[x_(i-1) | x_i] by Gaussian conditioning",
+                     hint="(a) Tweedie for y = a x + b z with a = sqrt(1 - beta_i); (b) "
+                          "eps_pred estimates the noise of x_i relative to x_0, whose "
+                          "standard deviation is sqrt(1 - alpha_bar_i), not sqrt(beta_i)",
+                     formula="x_(i-1) = (x_i - beta_i / sqrt(1 - alpha_bar_i) eps_pred) / "
+                             "sqrt(1 - beta_i) + sigma_i z",
+                     mistakes=[(ddpm_step_missing_rescale(x, eps_of(x), beta, abar, 0.0, z),
+                                "Tweedie's mean is divided by the forward step's scale "
+                                "sqrt(1 - beta_i)"),
+                               (ddpm_step_without_sqrt(x, eps_of(x), beta, abar, 0.0, z),
+                                "the score is -eps / sqrt(1 - alpha_bar_i): a standard "
+                                "deviation, not a variance"),
+                               (ddpm_step_noise_of_one_step(x, eps_of(x), beta, abar, 0.0, z),
+                                "eps_pred is the noise of x_i relative to x_0 (std "
+                                "sqrt(1 - alpha_bar_i)), not of the last step (std sqrt(beta_i))")],
+                     rtol=1e-9, atol=1e-12)
+    # With the exact posterior variance as sigma_i^2, samples of p_i become samples of p_{i-1}.
+    c, abar_prev, beta, n = 0.5, 0.6, 0.3, 40_000
+    (mean1, var1), (mean2, var2), abar, eps_of = _gaussian_step_setting(c, m0, abar_prev, beta)
+    posterior_var = var1 - (1 - beta) * var1**2 / var2
+    x = mean2 + math.sqrt(var2) * torch.randn(n, 2, generator=gen, dtype=F64)
+    z = torch.randn(n, 2, generator=gen, dtype=F64)
+    out = fn(x, eps_of(x), beta, abar, math.sqrt(posterior_var), z)
+    # tolerances: 5 standard errors of a mean (sqrt(var / n)) and of a variance (var sqrt(2/n))
+    assert_close(out.mean(0), mean1.expand(2), what=f"mean of {n} steps from p_i",
+                 hint="the noise must be added, sigma_i z, with mean zero",
+                 atol=5 * math.sqrt(var1 / n), rtol=0)
+    assert_close(out.var(0), torch.full((2,), var1, dtype=F64),
+                 what=f"variance of {n} steps from p_i (should be p_(i-1)'s, {var1:.4f})",
+                 hint="the added noise sigma_i z must be independent of the mean and have "
+                      "variance sigma_i^2", atol=5 * var1 * math.sqrt(2 / n), rtol=0)
 
 
 def ddpm_step_without_sqrt(x, eps_pred, beta_i, alpha_bar_i, sigma_i, z):
@@ -118,6 +166,15 @@ def ddpm_step_without_sqrt(x, eps_pred, beta_i, alpha_bar_i, sigma_i, z):
 
 def ddpm_step_missing_rescale(x, eps_pred, beta_i, alpha_bar_i, sigma_i, z):
     return x - beta_i / (1 - alpha_bar_i) ** 0.5 * eps_pred + sigma_i * z
+
+
+def ddpm_step_noise_of_one_step(x, eps_pred, beta_i, alpha_bar_i, sigma_i, z):
+    return (x - beta_i ** 0.5 * eps_pred) / (1 - beta_i) ** 0.5 + sigma_i * z
+
+
+def ddpm_step_noise_subtracted(x, eps_pred, beta_i, alpha_bar_i, sigma_i, z):
+    ref = (x - beta_i / (1 - alpha_bar_i) ** 0.5 * eps_pred) / (1 - beta_i) ** 0.5
+    return ref - sigma_i * z.abs()  # a noise with non-zero mean
 
 
 # -- 8.4 corrector step size --------------------------------------------------------------------
@@ -176,7 +233,8 @@ EXERCISES = [
     Exercise("exercise_euler_ode_sampler", check_euler_ode_sampler,
              [euler_forward_in_time, euler_with_sde_drift]),
     Exercise("exercise_ddpm_ancestral_step", check_ddpm_ancestral_step,
-             [ddpm_step_without_sqrt, ddpm_step_missing_rescale]),
+             [ddpm_step_without_sqrt, ddpm_step_missing_rescale, ddpm_step_noise_of_one_step,
+              ddpm_step_noise_subtracted]),
     Exercise("exercise_corrector_step_size", check_corrector_step_size,
              [step_size_not_squared, step_size_missing_two]),
     Exercise("exercise_hutchinson_divergence", check_hutchinson_divergence,
@@ -215,3 +273,16 @@ def test_docstring_examples_hold():
     div = sol.exercise_hutchinson_divergence(lambda z: 3 * z, torch.zeros(1, 2),
                                              torch.tensor([[1.0, -1.0]]))
     assert div.item() == pytest.approx(6.0)
+
+
+def test_ddpm_step_check_uses_ground_truth_not_the_formula():
+    """8.3 is checked against Gaussian conditioning and the law of the output; the one-step-noise
+    mistake (eps scaled by sqrt(beta_i)) agrees with the answer at the worked example, so only
+    the Gaussian cases catch it, with a message that says what is wrong."""
+    x1 = torch.ones(1, 1, dtype=F64)
+    assert ddpm_step_noise_of_one_step(x1, 0 * x1, 0.19, 0.5, 0.0, 0 * x1).item() == \
+        pytest.approx(1 / 0.9)
+    with pytest.raises(AssertionError, match="not of the last step"):
+        check_ddpm_ancestral_step(ddpm_step_noise_of_one_step)
+    with pytest.raises(AssertionError, match="mean of 40000 steps"):
+        check_ddpm_ancestral_step(ddpm_step_noise_subtracted)

@@ -157,7 +157,7 @@ def ema_without_warmup(shadow, params, k, decay):
     return {n: decay * shadow[n] + (1 - decay) * params[n] for n in shadow}
 
 
-test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_tests("09", [
+EXERCISES = [
     Exercise("exercise_residual_block", check_residual_block,
              [block_embedding_after_conv2, block_without_skip]),
     Exercise("exercise_pc_step", check_pc_step,
@@ -165,4 +165,12 @@ test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_test
     Exercise("exercise_bits_per_dim", check_bits_per_dim,
              [bpd_without_offset, bpd_without_jacobian, bpd_jacobian_sign_flipped]),
     Exercise("exercise_ema_update", check_ema_update, [ema_weights_swapped, ema_without_warmup]),
-])
+]
+
+test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_tests("09", EXERCISES)
+
+
+def test_every_exercise_in_the_module_is_checked():
+    from common.exercises import list_exercises
+
+    assert sorted(n for n, _ in list_exercises(vars(m))) == sorted(e.name for e in EXERCISES)

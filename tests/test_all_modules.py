@@ -5,8 +5,10 @@ here, so a new chapter gets these checks without copying them.
 """
 
 import importlib.util
+import inspect
 import re
 import sys
+from types import ModuleType
 
 import pytest
 
@@ -14,11 +16,13 @@ from common.exercises import list_exercises
 from common.modules import ROOT, load_module, load_solutions
 
 NUMBERS = sorted(p.name[:2] for p in ROOT.glob("[0-9][0-9]_*.py"))
+# Each chapter's case carries its chNN marker, so `pytest -m ch03` runs these checks for 03 too.
+CHAPTERS = [pytest.param(n, id=n, marks=getattr(pytest.mark, f"ch{n}")) for n in NUMBERS]
 HEADER = ("FILE:", "DIFFICULTY:", "ESTIMATED TIME:", "PREREQUISITES:", "LEARNING OBJECTIVES:",
           "MATHEMATICAL BACKGROUND:", "IMPLEMENTATION NOTES:")
 
 
-@pytest.mark.parametrize("number", NUMBERS)
+@pytest.mark.parametrize("number", CHAPTERS)
 def test_import_runs_nothing(number, tmp_path, monkeypatch):
     """Importing a chapter creates no output: all work happens in main()."""
     monkeypatch.chdir(tmp_path)
@@ -31,14 +35,14 @@ def test_import_runs_nothing(number, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("number", NUMBERS)
+@pytest.mark.parametrize("number", CHAPTERS)
 def test_unknown_flag_is_a_one_line_error(number, capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
         load_module(number).main(["--quikc", "--outdir", str(tmp_path)])
     assert info.value.code == 2 and "unrecognized arguments: --quikc" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("number", NUMBERS)
+@pytest.mark.parametrize("number", CHAPTERS)
 def test_chapter_follows_the_conventions(number):
     """Title-page header, percent cells, >= 4 exercises, each with a reference solution."""
     module = load_module(number)
@@ -52,3 +56,116 @@ def test_chapter_follows_the_conventions(number):
     assert len(names) >= 4, names
     solutions = load_solutions(number)
     assert all(hasattr(solutions, name) for name in names)
+
+
+# -- One name, one contract ----------------------------------------------------------------------
+# Names every chapter defines for itself *as a script*: its settings, its command line, its entry
+# point, its summary table and its demonstration steps. They are allowed to differ from chapter to
+# chapter because no chapter uses another's (test_no_chapter_uses_another_chapters_script_steps).
+SCRIPT_STEPS = {"Config", "main", "make_parser", "summary_rows"}
+
+
+def is_script_step(name: str) -> bool:
+    return name in SCRIPT_STEPS or name.startswith("demo_")
+
+
+def public_objects(module: ModuleType) -> dict:
+    """The public functions and classes a chapter defines or imports, by name."""
+    return {name: obj for name, obj in vars(module).items()
+            if not name.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj))}
+
+
+def _signature(obj) -> str:
+    try:
+        return str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        return "(signature unavailable)"
+
+
+def name_clashes(modules: dict[str, ModuleType]) -> list[str]:
+    """One line per public name that two chapters bind to different objects.
+
+    The same object under the same name (a re-export, or a helper imported from common/) is
+    fine; two definitions are not, even with equal signatures (`mixture_2d()` once meant two
+    different data sets), because a learner or a later chapter cannot tell which one they get.
+    """
+    by_name: dict[str, list[tuple[str, object]]] = {}
+    for number, module in modules.items():
+        for name, obj in public_objects(module).items():
+            if not is_script_step(name):
+                by_name.setdefault(name, []).append((number, obj))
+    clashes = []
+    for name, defs in sorted(by_name.items()):
+        if len({id(obj) for _, obj in defs}) > 1:
+            where = "; ".join(f"{number}: {name}{_signature(obj)}" for number, obj in defs)
+            clashes.append(f"{name} -> {where}")
+    return clashes
+
+
+def test_one_name_one_contract():
+    """No two chapters define the same public function or class name differently."""
+    clashes = name_clashes({n: load_module(n) for n in NUMBERS})
+    assert not clashes, ("the same public name means different things in different chapters; "
+                         "give each contract its own name, or import the one definition:\n  "
+                         + "\n  ".join(clashes))
+
+
+def test_name_clash_check_can_fail():
+    """The check flags two definitions under one name (different or equal signatures) and lets a
+    re-export, a private helper and the script steps through."""
+    def shared(x):
+        return x
+
+    def make(number, **names):
+        module = ModuleType(f"fake{number}")
+        vars(module).update(names)
+        return module
+
+    a = make("01", dsm_loss=lambda score_fn, x, sigma: 0, mixture_2d=lambda: 1, shared=shared,
+             _private=lambda: 0, Config=type("Config", (), {}), demo_fields=lambda run: 0)
+    b = make("02", dsm_loss=lambda score_fn, sde, x0: 0, mixture_2d=lambda: 2, shared=shared,
+             _private=lambda y: 0, Config=type("Config", (), {"x": 1}), demo_fields=lambda: 0)
+    clashes = name_clashes({"01": a, "02": b})
+    assert [c.split(" ->")[0] for c in clashes] == ["dsm_loss", "mixture_2d"], clashes
+    assert "(score_fn, x, sigma)" in clashes[0] and "(score_fn, sde, x0)" in clashes[0]
+
+
+def test_no_chapter_uses_another_chapters_script_steps():
+    """What SCRIPT_STEPS exempts from the name check stays private to its chapter in practice."""
+    for path in sorted(ROOT.glob("[0-9][0-9]_*.py")):
+        text = path.read_text()
+        aliases = re.findall(r"(\w+)\s*=\s*load_module\(", text)
+        for alias in aliases:
+            used = re.findall(rf"\b{alias}\.(\w+)", text)
+            bad = sorted({name for name in used if is_script_step(name)})
+            assert not bad, f"{path.name} uses another chapter's script steps {bad} via {alias}"
+
+
+@pytest.mark.parametrize("number", CHAPTERS)
+def test_exercise_checks_are_complete_and_selectable(number):
+    """Every chapter's exercise tests guard that each exercise has a check; the command the
+    chapter gives learners, `-k your_answer`, can select only `test_your_answer` there (no other
+    test of that file has "your_answer" in its name); the chapter prints that command."""
+    path = ROOT / "tests" / f"test_{number}_exercises.py"
+    text = path.read_text()
+    assert "def test_every_exercise_in_the_module_is_checked" in text, path.name
+    assert set(re.findall(r"\w*your_answer\w*", text)) == {"test_your_answer"}, path.name
+    if number != "09":  # 09's text is left as it is (it names the command in its Section 5)
+        source = open(load_module(number).__file__).read()
+        assert f"pytest tests/test_{number}_exercises.py -k your_answer" in source
+
+
+@pytest.mark.ch03
+def test_learner_command_runs_only_the_learners_checks():
+    """The command chapter 03 prints, run for real: only test_your_answer cases are collected."""
+    import subprocess
+
+    path = ROOT / "tests" / "test_03_exercises.py"
+    out = subprocess.run([sys.executable, "-m", "pytest", str(path), "-k", "your_answer",
+                          "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=ROOT,
+                         capture_output=True, text=True).stdout
+    names = sorted(name for name, _ in list_exercises(vars(load_module("03"))))
+    selected = sorted(re.findall(r"::test_your_answer\[(\w+)\]", out))
+    others = [line for line in out.splitlines()
+              if "::" in line and "::test_your_answer[" not in line]
+    assert selected == names and not others, out

@@ -558,6 +558,51 @@ def test_assert_close_messages():
     assert "expected: 2\n" in str(info.value) and "()" not in str(info.value)
 
 
+def test_assert_close_shows_the_worst_entries_not_the_first():
+    """A long result that is right at its start and wrong in the middle (exercise 1.4's density
+    on 2,001 grid points) shows the entries that are wrong, with their indices."""
+    expected = torch.zeros(2001)
+    actual = expected.clone()
+    actual[1200], actual[1500] = 0.3, -0.1
+    with pytest.raises(AssertionError) as info:
+        exercises.assert_close(actual, expected, what="density")
+    message = str(info.value)
+    assert "index (1200,): expected 0, got 0.3" in message
+    assert message.index("(1200,)") < message.index("(1500,)")  # worst first
+    assert "the 5 worst of 2001 entries" in message
+
+
+def test_hints_come_in_steps(monkeypatch):
+    """What is wrong (a known mistake), then the idea; the formula only on request."""
+    kwargs = dict(what="v", hint="the idea", formula="v = a^(2k)",
+                  mistakes=[(torch.tensor([3.0]), "the exponent is k, not 2k")])
+    monkeypatch.delenv(exercises.SHOW_SOLUTION, raising=False)
+    with pytest.raises(AssertionError) as info:
+        exercises.assert_close(torch.tensor([3.0]), torch.tensor([9.0]), **kwargs)
+    message = str(info.value)
+    assert "what is wrong: the exponent is k, not 2k" in message and "the idea" in message
+    assert "a^(2k)" not in message and "SBGM_SHOW_SOLUTION=1" in message
+    with pytest.raises(AssertionError) as info:  # an unknown mistake: no diagnosis
+        exercises.assert_close(torch.tensor([4.0]), torch.tensor([9.0]), **kwargs)
+    assert "what is wrong" not in str(info.value)
+    monkeypatch.setenv(exercises.SHOW_SOLUTION, "1")
+    with pytest.raises(AssertionError, match=r"formula: v = a\^\(2k\)"):
+        exercises.assert_close(torch.tensor([3.0]), torch.tensor([9.0]), **kwargs)
+
+
+def test_call_checked_turns_a_shape_error_into_a_message():
+    def transposed(x, A):
+        return x @ A  # (N, D) @ (D + 1, D) fails
+    x, A = torch.ones(4, 2), torch.ones(3, 2)
+    with pytest.raises(AssertionError, match=r"raised RuntimeError.*\n.*shapes \(4, 2\), \(3, 2\)"):
+        exercises.call_checked(transposed, x, A, what="f")
+    def not_attempted(x, A):
+        raise NotImplementedError
+    with pytest.raises(NotImplementedError):
+        exercises.call_checked(not_attempted, x, A, what="f")
+    assert exercises.call_checked(lambda x, A: x.sum(), x, A, what="f") == 8
+
+
 def test_list_exercises_in_source_order():
     ns = {}
     source = "def exercise_b():\n    'B first line.'\n\ndef exercise_a():\n    'A.'\n"
