@@ -1600,7 +1600,8 @@ def demo_trained(run, cfg: Config, data: GaussianMixture, sdes: dict, exact: dic
         ax.axhline(floor[name], color=f"C{i}", ls="--", lw=1,
                    label=f"{sdes[name].name}, exact score")
     ax.set_xlabel("training step")
-    ax.set_ylabel(r"DSM loss $E|\sigma_t s_\theta + z|^2$ (moving average)")
+    ax.set_ylabel(r"DSM loss $E|\sigma_t s_\theta + z|^2$ (moving average)" + "\n"
+                  r"over the batch's $t \sim U(\varepsilon, T)$ half")
     ax.set_title("Continuous-time DSM, lambda(t) = sigma_t^2 (dashed: the exact score's loss,\n"
                  "each SDE's own irreducible constant)", fontsize=9)
     ax.set_yscale("log")
