@@ -155,11 +155,14 @@ class Run:
         print_exercises(namespace, number)
 
 
-def print_table(title: str, rows) -> None:
-    """Print ``(quantity, measured, expected)`` rows as an aligned plain-text table."""
-    header = ("quantity", "measured", "expected / reference")
-    cells = [header] + [tuple(str(c) for c in row) for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(3)]
+def print_table(title: str, rows,
+                header=("quantity", "measured", "expected / reference")) -> None:
+    """Print rows as an aligned plain-text table: by default ``(quantity, measured, expected)``
+    triples; with ``header`` any number of columns, one per header entry."""
+    cells = [tuple(header)] + [tuple(str(c) for c in row) for row in rows]
+    if any(len(row) != len(header) for row in cells):
+        raise ValueError(f"every row needs {len(header)} cells, one per header entry")
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = "  ".join("-" * w for w in widths)
     print(f"\n{title}\n{line}")
     for i, row in enumerate(cells):

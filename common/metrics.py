@@ -7,7 +7,11 @@ small but non-zero value, which is the floor any sampler should be compared with
 MMD (maximum mean discrepancy) with the Gaussian (RBF) kernel
     k(a, b) = exp(-|a - b|^2 / (2 h^2))
     MMD^2 = E k(x, x') + E k(y, y') - 2 E k(x, y)
-estimated without bias (the diagonal terms k(x_i, x_i) are left out). Bandwidth rule: unless
+estimated without bias (the diagonal terms k(x_i, x_i) are left out), or with ``biased=True``
+as the plug-in (V-statistic) estimate with the diagonals kept, |mean_i phi(x_i) - mean_j phi(y_j)|^2
+in the kernel's feature space: never negative, so its square root is a distance between the two
+point sets and ratios of it are defined; for two draws of one distribution it does not vanish but
+is about (2 - E k(x, x') - E k(y, y')) / N for N = M. Bandwidth rule: unless
 ``bandwidth`` is given, h is the median of the pairwise distances in the pooled sample
 (the "median heuristic"). Pass a fixed ``bandwidth`` when comparing numbers across runs.
 
@@ -22,6 +26,15 @@ as d_F^2 without the square root, as FID is. It sees only two moments: equal mea
 covariances give 0 whatever else differs. Computed from a classifier's features it is *not* FID
 (that name belongs to Inception-v3's features); modules 09 and 10 call it the Frechet distance
 in the evaluation classifier's feature space.
+
+Fraction off the modes (``off_mode_fraction``; ``off_mode_mask`` marks the points), for
+samples of a Gaussian mixture
+    off(x) = 1  if  min_k (x - mu_k)^T C_k^{-1} (x - mu_k) > r^2,  else 0,
+the share of points farther than r "standard deviations" (Mahalanobis distance r) from every
+component. Points of the mixture itself are off with probability at most P(chi2_D > r^2)
+(exactly that when the components do not overlap within radius r), given by
+``chi2_tail(D, r)``: with D = 2 and r = 3 it is exp(-9/2) = 1.1%. A sampler that smears mass
+between the modes shows up here long before a sliced distance notices.
 
 The floor (``distance_floor``)
     mean and sample standard deviation of distance(a, b) over independent pairs a, b of fresh
@@ -54,10 +67,11 @@ def median_bandwidth(x: Tensor, y: Tensor) -> float:
     return d[torch.triu_indices(len(z), len(z), offset=1).unbind()].median().item()
 
 
-def mmd_rbf(x: Tensor, y: Tensor, bandwidth: float | None = None) -> float:
+def mmd_rbf(x: Tensor, y: Tensor, bandwidth: float | None = None, biased: bool = False) -> float:
     """Unbiased estimate of MMD^2 between samples ``x`` (N, D) and ``y`` (M, D), RBF kernel.
 
-    Can be slightly negative when the two samples come from the same distribution.
+    Can be slightly negative when the two samples come from the same distribution. With
+    ``biased=True`` the plug-in estimate (diagonal terms kept), which is >= 0.
     """
     _check_pair(x, y)
     x, y = x.double(), y.double()
@@ -69,9 +83,11 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidth: float | None = None) -> float:
         return torch.exp(-torch.cdist(a, b).square() / (2 * h * h))
 
     n, m = len(x), len(y)
+    kxy = k(x, y).mean()
+    if biased:  # |mean phi(x) - mean phi(y)|^2, every pair including i = j
+        return (k(x, x).mean() + k(y, y).mean() - 2 * kxy).clamp_min(0).item()
     kxx = (k(x, x).sum() - n) / (n * (n - 1))  # k(a, a) = 1 on the diagonal
     kyy = (k(y, y).sum() - m) / (m * (m - 1))
-    kxy = k(x, y).mean()
     return (kxx + kyy - 2 * kxy).item()
 
 
@@ -93,6 +109,41 @@ def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256,
         levels = (torch.arange(n, dtype=torch.float64) + 0.5) / n
         qx, qy = torch.quantile(px, levels, dim=0), torch.quantile(py, levels, dim=0)
     return (qx - qy).square().mean().sqrt().item()
+
+
+def off_mode_mask(x: Tensor, means: Tensor, precisions: Tensor, radius: float = 3.0) -> Tensor:
+    """Bool (N,): which points of ``x`` (N, D) lie farther than Mahalanobis distance ``radius``
+    from every component of a mixture with ``means`` (K, D) and precisions C_k^{-1}
+    ``precisions`` (K, D, D):
+
+        off(x_i) = [ min_k (x_i - mu_k)^T C_k^{-1} (x_i - mu_k) > radius^2 ].
+
+    For a ``common.datasets.GaussianMixture`` pass ``data.means, data.precisions``.
+    """
+    if x.ndim != 2 or means.ndim != 2 or x.shape[1] != means.shape[1]:
+        raise ValueError(f"expected x (N, D) and means (K, D), got {tuple(x.shape)} and "
+                         f"{tuple(means.shape)}")
+    if precisions.shape != (*means.shape, means.shape[1]):
+        raise ValueError(f"precisions must be (K, D, D), got {tuple(precisions.shape)}")
+    x = x.detach().double().cpu()
+    diff = x[:, None, :] - means.double().cpu()[None]  # (N, K, D)
+    # squared Mahalanobis distance to each component: d_ik^2 = diff^T C_k^{-1} diff
+    d2 = torch.einsum("nkd,kde,nke->nk", diff, precisions.double().cpu(), diff)
+    return d2.min(dim=1).values > radius**2
+
+
+def off_mode_fraction(x: Tensor, means: Tensor, precisions: Tensor, radius: float = 3.0) -> float:
+    """Share of the points ``x`` (N, D) off the modes: the mean of ``off_mode_mask``."""
+    return off_mode_mask(x, means, precisions, radius).double().mean().item()
+
+
+def chi2_tail(dim: int, radius: float = 3.0) -> float:
+    """P(chi2_dim > radius^2): the share of one Gaussian's draws farther than Mahalanobis distance
+    ``radius`` from its mean, i.e. ``off_mode_fraction`` of well-separated mixture data.
+    For dim = 2 it is exp(-radius^2 / 2)."""
+    # P(chi2_D > r^2) = Q(D/2, r^2/2), the regularised upper incomplete gamma function
+    a = torch.tensor(dim / 2, dtype=torch.float64)
+    return torch.special.gammaincc(a, torch.tensor(radius**2 / 2, dtype=torch.float64)).item()
 
 
 def distance_floor(draw: Callable[[], Tensor], distance: Callable[[Tensor, Tensor], float],

@@ -3,12 +3,13 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import integrate
 
 from common.datasets import GaussianMixture
-from common.metrics import sliced_wasserstein
+from common.metrics import chi2_tail, off_mode_fraction, sliced_wasserstein
 from common.modules import load_module
 
 pytestmark = pytest.mark.ch08
@@ -164,6 +165,10 @@ def test_reverse_sde_and_ode_with_exact_score_reproduce_the_data(name, sampler, 
     distance = sliced_wasserstein(x, reference, 256, g)
     floor = _floor(mixture, n)
     assert distance < 1.6 * floor, (distance, floor)
+    # and no more samples between the modes than the data has: P(chi2_2 > 9) + 5 binomial s.e.
+    p = chi2_tail(2, m.OFF_MODE_RADIUS)
+    off = off_mode_fraction(x, mixture.means, mixture.precisions, m.OFF_MODE_RADIUS)
+    assert off < p + 5 * math.sqrt(p * (1 - p) / n), (off, p)
 
 
 def test_sampler_check_can_fail(mixture):
@@ -280,14 +285,130 @@ def test_dsm_loss_at_the_exact_score_matches_its_closed_form(name):
 
 
 # -- the module as a program --------------------------------------------------------------------
-def test_quick_run_writes_all_figures(tmp_path):
+def test_quick_run_writes_all_figures(tmp_path, capsys):
     r = m.main(["--quick", "--outdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    # the learned-vs-exact table: one row per SDE and sampler, then the data's floor
+    head = out.index("Learned vs exact score")
+    table = out[head:out.index("What this run measured")].splitlines()
+    assert "off modes exact / learned" in table[2] and "MMD exact / learned" in table[2]
+    for key, name in zip(m.SDE_NAMES, ("VE", "VP", "sub-VP")):
+        for sampler in m.SAMPLERS:
+            e, q = r["exact_quality"][key][sampler], r["learned_quality"][key][sampler]
+            row = [line for line in table if line.split()[:2] == [name, sampler]]
+            assert len(row) == 1, (name, sampler, table)
+            assert f"{e['off']:.1%} / {q['off']:.1%}" in row[0]
+            assert f"{q['mmd'] / e['mmd']:.2f}" in row[0]
+    assert any(line.startswith("data") and "P(chi2_2 > 9) = 1.1%" in line for line in table)
+    assert "mean log p of 50 data points: true / exact-score ODE / learned ODE" in out
+    assert "near the exact-score row" not in out  # the old claim, with nothing measured
     names = {p.name for p in (tmp_path / m.MODULE).glob("*.png")}
     assert names == {"forward_marginals.png", "forward_sde_vs_closed_form.png",
                      "samplers_exact_score.png", "sampler_convergence.png",
                      "reverse_trajectories.png", "likelihood.png",
-                     "ddpm_connection.png", "training_losses.png", "samplers_learned_score.png"}
+                     "ddpm_connection.png", "training_losses.png", "samplers_learned_score.png",
+                     "learned_score_error.png"}
     assert r["gauss_rel_err"] < 0.01 and r["gauss_abs_err_true_pT"] < 1e-3
+
+
+def test_sample_quality_of_data_and_of_a_smeared_sampler(mixture):
+    """Data against data: off-mode share ~ P(chi2_2 > 9) and MMD near its floor; a 'sampler'
+    that puts 20% of its points on the ring between the modes is caught by both, while its SW
+    barely moves (the defect the learned-score table exists to show)."""
+    g = torch.Generator().manual_seed(3)
+    n = 2000
+    ref, x = mixture.sample(n, g, F64), mixture.sample(n, g, F64)
+    good = m.sample_quality(x, ref, mixture, g)
+    p = chi2_tail(2, m.OFF_MODE_RADIUS)
+    assert abs(good["off"] - p) < 5 * math.sqrt(p * (1 - p) / n), good
+    # 20% of the points moved onto the circle half-way between neighbouring modes (at angles
+    # (k + 1/2) pi/4, 0.77 from each mode centre: 5 standard deviations)
+    k = torch.randint(0, 8, (n // 5,), generator=g).to(F64)
+    angle = (k + 0.5) * math.pi / 4 + 0.1 * torch.randn(n // 5, generator=g, dtype=F64)
+    between = 2.0 * torch.stack([angle.cos(), angle.sin()], 1)
+    smeared = torch.cat([x[: n - n // 5], between])
+    bad = m.sample_quality(smeared, ref, mixture, g)
+    assert bad["off"] > good["off"] + 0.15, (bad, good)
+    assert bad["mmd"] > 2 * good["mmd"], (bad, good)
+    assert bad["sw"] < 2 * good["sw"], (bad, good)  # SW hardly notices
+
+
+def test_comparison_rows_report_exact_learned_and_their_ratio():
+    q = {"off": 0.012, "mmd": 0.020, "sw": 0.1}
+    learned = {"off": 0.25, "mmd": 0.050, "sw": 0.12}
+    r = {"exact_quality": {n: {s: q for s in m.SAMPLERS} for n in SDES},
+         "learned_quality": {n: {s: learned for s in m.SAMPLERS} for n in SDES},
+         "quality_floor": {"off": (0.011, 0.002), "mmd": (0.021, 0.003), "sw": (0.09, 0.02)}}
+    rows = m.comparison_rows(r, SDES)
+    assert len(rows) == 3 * 3 + 1 and all(len(row) == 6 for row in rows)
+    assert rows[0] == ("VE", "EM", "1.2% / 25.0%", "0.020 / 0.050", "2.50", "0.100 / 0.120")
+    assert rows[-1][0] == "data" and "1.1%" in rows[-1][2] and rows[-1][3] == "0.021 +- 0.003"
+
+
+@pytest.mark.parametrize("name", list(SDES))
+def test_band_time_sampler_makes_log_sigma_uniform_on_the_band(name):
+    """log sigma_t of the drawn times is U(log lo, log hi): its deciles sit at the uniform's
+    within 3 Kolmogorov-Smirnov-sized steps; uniform t (the old sampling) would fail."""
+    sde, (lo, hi), n = SDES[name], (2e-3, 1.0), 20_000
+    g = torch.Generator().manual_seed(7)
+    t = m.band_time_sampler(sde, (lo, hi))(n, g)
+    assert t.shape == (n,) and t.min() >= 1e-5 and t.max() <= sde.T
+    a, b = math.log(lo), math.log(min(hi, sde.std(torch.tensor([sde.T])).item()))
+    u = (sde.std(t).log() - a) / (b - a)  # should be U(0, 1)
+    levels = torch.linspace(0.1, 0.9, 9, dtype=F64)
+    gap = (torch.quantile(u, levels) - levels).abs().max().item()
+    assert gap < 3 / math.sqrt(n) * 1.36, gap
+    t_uniform = 1e-5 + (sde.T - 1e-5) * torch.rand(n, generator=g, dtype=F64)
+    u_wrong = ((sde.std(t_uniform).log() - a) / (b - a)).clamp(0, 1)
+    assert (torch.quantile(u_wrong, levels) - levels).abs().max().item() > 0.1
+
+
+def _log_likelihood_by_finite_differences(sde, score, x, eps):
+    """log p_eps(x) by the same ODE, solved independently: scipy RK45 at tight tolerance on
+    (x, int div f~), the divergence by central finite differences of the drift f~ (no autograd),
+    one point at a time."""
+    h, out = 1e-4, []
+    for x0 in x:
+        def rhs(t, state):
+            z = torch.from_numpy(state[:2])[None]
+            tt = torch.full((1,), t, dtype=F64)
+            drift = lambda y: sde.reverse_drift(y, tt, score(y, tt), probability_flow=True)
+            div = sum((drift(z + h * e) - drift(z - h * e))[0, i] / (2 * h)
+                      for i, e in enumerate(torch.eye(2, dtype=F64)[:, None]))
+            return np.concatenate([drift(z)[0].numpy(), [div.item()]])
+
+        sol = integrate.solve_ivp(rhs, (eps, sde.T), np.concatenate([x0.numpy(), [0.0]]),
+                                  rtol=1e-7, atol=1e-7)
+        z_T = torch.from_numpy(sol.y[:2, -1])[None]
+        out.append(sde.prior_log_prob(z_T).item() + sol.y[2, -1])
+    return torch.tensor(out, dtype=F64)
+
+
+@pytest.mark.parametrize("name", ["ve", "vp"])
+def test_learned_network_log_likelihood_agrees_with_a_finite_difference_solve(name, mixture):
+    """The learned-score row's log p: module 08's network (seeded, untrained: the check is about
+    the gradient-safe path, not the training) through as_score_fn and ode_log_likelihood,
+    against an independent solve whose divergence comes from finite differences of a float64
+    copy of the network. Dropping the network's Jacobian (a no_grad wrapper) misses by far more."""
+    sde, eps = SDES[name], 0.05  # a random network is stiff as sigma_t -> 0: stop earlier
+    torch.manual_seed(0)
+    net = m.make_score_net(sde).requires_grad_(False)  # as after EMA's averaged(): frozen
+    net64 = copy.deepcopy(net).double()
+    g = torch.Generator().manual_seed(1)
+    x = mixture.sample(2, g, F64)
+    got, _ = m.ode_log_likelihood(sde, m.as_score_fn(net), x, eps=eps, rtol=1e-6, atol=1e-6)
+    check = _log_likelihood_by_finite_differences(sde, lambda y, t: net64(y, t), x, eps)
+    assert (got - check).abs().max().item() < 5e-3, (got, check)
+
+    def no_jacobian(y, t):
+        return m.as_score_fn(net)(y.detach(), t)
+
+    if name == "ve":  # f = 0: nothing left to differentiate, and the module says so
+        with pytest.raises(RuntimeError):
+            m.ode_log_likelihood(sde, no_jacobian, x, eps=eps)
+    else:
+        wrong, _ = m.ode_log_likelihood(sde, no_jacobian, x, eps=eps, rtol=1e-6, atol=1e-6)
+        assert (wrong - check).abs().min().item() > 0.1, (wrong, check)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -378,6 +378,58 @@ def test_mmd_median_bandwidth_and_errors(gen):
         metrics.mmd_rbf(x, torch.randn(100, 3))
 
 
+def test_biased_mmd_is_the_plug_in_estimate(gen):
+    """biased=True keeps the diagonal: MMD_b^2 = mean k(x, x) + mean k(y, y) - 2 mean k(x, y),
+    which differs from the unbiased value by (1 - kxx_u) / N + (1 - kyy_u) / M (k(a, a) = 1)."""
+    h = 0.7
+    x = torch.randn(50, 2, generator=gen, dtype=torch.float64)
+    y = 0.3 + torch.randn(40, 2, generator=gen, dtype=torch.float64)
+    k = lambda a, b: torch.exp(-torch.cdist(a, b).square() / (2 * h * h))
+    by_hand = (k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()).item()
+    assert metrics.mmd_rbf(x, y, h, biased=True) == pytest.approx(by_hand, rel=1e-12)
+    kxx_u = (k(x, x).sum() - 50) / (50 * 49)
+    kyy_u = (k(y, y).sum() - 40) / (40 * 39)
+    unbiased = metrics.mmd_rbf(x, y, h)
+    correction = ((1 - kxx_u) / 50 + (1 - kyy_u) / 40).item()
+    assert by_hand == pytest.approx(unbiased + correction, rel=1e-10)
+    assert unbiased != pytest.approx(by_hand, rel=1e-3)  # the two really differ
+    # never negative, even for two draws of one distribution where the unbiased one can be
+    for _ in range(5):
+        a, b = torch.randn(2, 30, 2, generator=gen, dtype=torch.float64)
+        assert metrics.mmd_rbf(a, b, h, biased=True) >= 0
+
+
+def test_off_mode_fraction_of_a_gaussian_is_the_chi2_tail(gen):
+    """Draws of N(mu, C) lie beyond Mahalanobis distance r with probability P(chi2_D > r^2);
+    for D = 2 that is exp(-r^2 / 2) (1.1% at r = 3). Tolerance: 5 binomial standard errors."""
+    assert metrics.chi2_tail(2, 3.0) == pytest.approx(math.exp(-4.5), rel=1e-12)
+    assert metrics.chi2_tail(1, 2.0) == pytest.approx(math.erfc(2 / math.sqrt(2)), rel=1e-10)
+    mu = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    cov = torch.tensor([[[0.5, 0.3], [0.3, 0.4]]], dtype=torch.float64)
+    n = 200_000
+    x = mu + torch.randn(n, 2, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(cov[0]).T
+    for r in (1.0, 2.0, 3.0):
+        p = metrics.chi2_tail(2, r)
+        got = metrics.off_mode_fraction(x, mu, torch.linalg.inv(cov), r)
+        assert abs(got - p) < 5 * math.sqrt(p * (1 - p) / n), (r, got, p)
+    # the check can fail: the covariance passed where the precision belongs
+    wrong = metrics.off_mode_fraction(x, mu, cov, 3.0)
+    assert abs(wrong - metrics.chi2_tail(2, 3.0)) > 0.005, wrong
+
+
+def test_off_mode_fraction_takes_the_nearest_component():
+    """Hand-placed points, two unit components at (0, 0) and (10, 0), r = 3: a point counts as
+    off only if it is farther than 3 from both."""
+    means = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    prec = torch.eye(2).expand(2, 2, 2)
+    x = torch.tensor([[2.9, 0.0], [3.1, 0.0], [7.5, 0.0], [5.0, 0.0], [10.0, 2.0]])
+    assert metrics.off_mode_fraction(x, means, prec) == pytest.approx(2 / 5)  # 3.1 and 5.0
+    assert metrics.off_mode_fraction(x, means, 4 * prec) == 1.0  # std 0.5: radius 1.5
+    assert metrics.off_mode_fraction(x, means, prec / 4) == 0.0  # std 2: radius 6
+    with pytest.raises(ValueError, match="precisions"):
+        metrics.off_mode_fraction(x, means, torch.eye(2))
+
+
 def test_sliced_wasserstein_known_answers(gen):
     x = torch.randn(2000, 1, generator=gen, dtype=torch.float64)
     # In 1D the only directions are +-1: SW_2 of a shift is exactly the shift.
@@ -619,6 +671,16 @@ def test_print_table_aligns_columns(capsys):
     cli.print_table("T", [("a", 1.5, "2"), ("longer name", "x", "")])
     out = capsys.readouterr().out.splitlines()
     assert out[1] == "T" and out[3].startswith("quantity") and out[6] == "longer name  x"
+
+
+def test_print_table_with_its_own_header(capsys):
+    cli.print_table("T", [("VE", "EM", "1.2%"), ("sub-VP", "ODE", "10.5%")], header=("a", "b", "c"))
+    out = capsys.readouterr().out.splitlines()
+    assert out[3] == "a       b    c" and out[6] == "sub-VP  ODE  10.5%"
+    cli.print_table("T", [("1", "2", "3", "4")], header=("w", "x", "y", "z"))
+    assert capsys.readouterr().out.splitlines()[5] == "1  2  3  4"
+    with pytest.raises(ValueError, match="every row needs 3 cells"):
+        cli.print_table("T", [("too", "short")])
 
 
 def test_threads_flag_sets_torch_threads(tmp_path):
