@@ -30,7 +30,11 @@ def check_cfg_combination(fn):
     expected = x + sigma**2 * ((1 + w) * s_c - w * s_u)
     assert_close(fn(d_c, d_u, w), expected, what=f"guided denoiser at w = {w}",
                  hint="write D_w = x + sigma^2 s_w and substitute s = (D - x) / sigma^2",
-                 rtol=1e-10, atol=1e-12)
+                 formula="(1 + w) d_cond - w d_uncond", rtol=1e-10, atol=1e-12,
+                 mistakes=[(w * d_c - (w - 1) * d_u, "w was used as the total weight of the "
+                            "conditional term; CFG's w is the extra weight beyond 1"),
+                           (d_c - w * (d_c - d_u), "the guidance term points the wrong way: "
+                            "it should move away from the unconditional output")])
 
 
 def cfg_weights_w_not_one_plus_w(d_cond, d_uncond, w):
@@ -67,16 +71,34 @@ def check_classifier_gradient(fn):
     if tuple(got.shape) != tuple(x.shape):
         raise AssertionError(f"expected one gradient per image, shape {tuple(x.shape)}, got "
                              f"{tuple(got.shape)}")
-    assert_close(torch.stack([got[p] for p in picked]), torch.stack([expected[p] for p in picked]),
+    def at_picked(t):
+        return torch.stack([t[p] for p in picked])
+
+    wrong = {name: at_picked(f(net, x, labels)) for name, f in
+             (("logit", gradient_of_logit), ("probability", gradient_of_probability),
+              ("downhill", gradient_downhill))}
+    assert_close(at_picked(got), at_picked(expected),
                  what="grad_x log p(y | x) against finite differences",
-                 hint="differentiate the log-softmax of the requested class, not its raw logit; "
-                      "the sign is that of the log-probability (uphill)", rtol=1e-5, atol=1e-7)
+                 hint="log p(y | x) is the log-softmax of the logits at the requested class",
+                 formula="autograd.grad(logits_fn(x).log_softmax(1).gather(1, labels[:, None])"
+                         ".sum(), x)", rtol=1e-5, atol=1e-7,
+                 mistakes=[(wrong["logit"], "this is the gradient of the raw logit: it misses "
+                            "the normalisation (the logsumexp over classes)"),
+                           (wrong["probability"], "this is the gradient of p(y | x), not of "
+                            "log p(y | x): it is p times too small"),
+                           (wrong["downhill"], "the sign is flipped: guidance climbs log p")])
     assert not x.requires_grad, "the input x should not be changed to require gradients"
 
 
 def gradient_of_logit(logits_fn, x, labels):
     x = x.detach().requires_grad_(True)
     return torch.autograd.grad(logits_fn(x).gather(1, labels[:, None]).sum(), x)[0]
+
+
+def gradient_of_probability(logits_fn, x, labels):
+    x = x.detach().requires_grad_(True)
+    p = logits_fn(x).softmax(1).gather(1, labels[:, None]).sum()
+    return torch.autograd.grad(p, x)[0]
 
 
 def gradient_downhill(logits_fn, x, labels):
@@ -98,8 +120,10 @@ def check_replacement_step(fn):
     assert_close(out[~known], x[~known], what="unknown pixels",
                  hint="pixels with mask = 0 are the sampler's: leave them unchanged")
     assert_close(out[known], (y + sigma * z)[known], what="known pixels",
-                 hint="a state at level sigma is x0 + sigma z: the known pixels need the same "
-                      "noise as the rest of the image", rtol=1e-10)
+                 hint="the state is a noisy image at level sigma: what do the known pixels of "
+                      "such an image look like?", formula="mask * (y + sigma z) + (1 - mask) x",
+                 rtol=1e-10, mistakes=[(y[known], "the known pixels were put in clean; the rest "
+                                        "of the state carries noise of std sigma")])
 
 
 def replacement_without_noise(x, mask, y, sigma, z):
@@ -119,8 +143,9 @@ def check_psnr(fn):
     x[2] += 0.01  # MSE 1e-4 -> 40 dB
     expected = torch.tensor([20.0, 10 * math.log10(8), 40.0], dtype=torch.float64)
     assert_close(fn(x, ref), expected, what="PSNR of three images (dB)",
-                 hint="10 log10(1 / MSE) with the MSE of each image over its own pixels",
-                 rtol=1e-9, atol=1e-9)
+                 hint="one MSE per image, over its own pixels, then the decibels",
+                 formula="10 log10(1 / MSE_n)", rtol=1e-9, atol=1e-9,
+                 mistakes=[(2 * expected, "20 log10 is for amplitudes; the MSE is a power")])
 
 
 def psnr_twenty_log(x, ref):
@@ -143,7 +168,11 @@ def check_tweedie_denoise(fn):
 
     assert_close(fn(x, score, sigma), mu + v / (v + sigma**2) * (x - mu),
                  what="E[x0 | x] for Gaussian data N(0.3, 0.5)",
-                 hint="Tweedie: E[x0 | x] = x + sigma^2 grad log p_sigma(x)", rtol=1e-10)
+                 hint="the score points towards where clean images are likely; how far to step "
+                      "depends on the noise variance", formula="x + sigma^2 score(x, sigma)",
+                 rtol=1e-10,
+                 mistakes=[(x + sigma * score(x, sigma), "the step uses sigma, not sigma^2"),
+                           (x - sigma**2 * score(x, sigma), "the step goes against the score")])
 
 
 def tweedie_sigma_not_squared(x, score, sigma):
@@ -158,7 +187,7 @@ EXERCISES = [
     Exercise("exercise_cfg_combination", check_cfg_combination,
              [cfg_weights_w_not_one_plus_w, cfg_difference_sign_flipped]),
     Exercise("exercise_classifier_gradient", check_classifier_gradient,
-             [gradient_of_logit, gradient_downhill]),
+             [gradient_of_logit, gradient_of_probability, gradient_downhill]),
     Exercise("exercise_replacement_step", check_replacement_step,
              [replacement_without_noise, replacement_mask_inverted]),
     Exercise("exercise_psnr", check_psnr, [psnr_twenty_log, psnr_of_the_batch_mse]),
