@@ -101,7 +101,7 @@ from tqdm.auto import tqdm
 from common.cli import make_parser as shared_parser
 from common.cli import positive_int, start_run
 from common.datasets import GaussianMixture
-from common.metrics import distance_floor, mmd_rbf, sliced_wasserstein
+from common.metrics import distance_floor, mmd_rbf, off_mode_fraction, sliced_wasserstein
 from common.plotting import grid_points, plot_samples_over_density
 from common.training import EMA, expand_to
 
@@ -1397,16 +1397,6 @@ def worst_ratio(ratio: Tensor, sigmas: Tensor) -> tuple[float, float]:
 #   50 steps per level is itself an approximation (module 07 studies it).
 
 # %%
-def off_mode_fraction(x: Tensor, data: GaussianMixture, k: float = 3.0) -> float:
-    """Fraction of points x (N, D) farther than k Mahalanobis units from every component.
-
-    For 2D data from well-separated components it is P(chi^2_2 > k^2) = exp(-k^2 / 2).
-    """
-    diff = x.double()[:, None, :] - data.means[None]  # (N, K, D)
-    maha2 = torch.einsum("nkd,kde,nke->nk", diff, data.precisions, diff)
-    return float((maha2.min(1).values > k**2).double().mean())
-
-
 def demo_sample_quality(run, cfg: Config, trained: dict, data: GaussianMixture,
                         noise: GeometricNoise) -> dict:
     seed = run.args.seed
@@ -1421,7 +1411,7 @@ def demo_sample_quality(run, cfg: Config, trained: dict, data: GaussianMixture,
     def quality(x: Tensor) -> tuple[float, float, float]:
         sw = sliced_wasserstein(x, reference, 512, generator=torch.Generator().manual_seed(seed))
         mmd = mmd_rbf(x, reference, bandwidth=cfg.mmd_bandwidth)
-        return sw, mmd, off_mode_fraction(x, data)
+        return sw, mmd, off_mode_fraction(x, data.means, data.precisions)
 
     def sample(score_fn, dtype=torch.float32) -> Tensor:
         gen = torch.Generator().manual_seed(seed + 6)  # common random numbers for all samplers

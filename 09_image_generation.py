@@ -68,7 +68,7 @@ Run:
     python 09_image_generation.py --dataset cifar10
     python 09_image_generation.py --dataset folder --data-dir PATH/TO/IMAGES
     torchrun --nproc_per_node=2 09_image_generation.py   # data-parallel (gloo on CPU)
-    pytest tests/test_09_exercises.py             # check your answers to the exercises
+    pytest tests/test_09_exercises.py -k your_answer   # check your answers to the exercises
 
 References:
 - Y. Song, J. Sohl-Dickstein, D. P. Kingma, A. Kumar, S. Ermon, B. Poole (2021). Score-based

@@ -318,7 +318,7 @@ def test_sample_quality_of_data_and_of_a_smeared_sampler(mixture):
     g = torch.Generator().manual_seed(3)
     n = 2000
     ref, x = mixture.sample(n, g, F64), mixture.sample(n, g, F64)
-    good = m.sample_quality(x, ref, mixture, g)
+    good = m.sample_quality_2d(x, ref, mixture, g)
     p = chi2_tail(2, m.OFF_MODE_RADIUS)
     assert abs(good["off"] - p) < 5 * math.sqrt(p * (1 - p) / n), good
     # 20% of the points moved onto the circle half-way between neighbouring modes (at angles
@@ -327,7 +327,7 @@ def test_sample_quality_of_data_and_of_a_smeared_sampler(mixture):
     angle = (k + 0.5) * math.pi / 4 + 0.1 * torch.randn(n // 5, generator=g, dtype=F64)
     between = 2.0 * torch.stack([angle.cos(), angle.sin()], 1)
     smeared = torch.cat([x[: n - n // 5], between])
-    bad = m.sample_quality(smeared, ref, mixture, g)
+    bad = m.sample_quality_2d(smeared, ref, mixture, g)
     assert bad["off"] > good["off"] + 0.15, (bad, good)
     assert bad["mmd"] > 2 * good["mmd"], (bad, good)
     assert bad["sw"] < 2 * good["sw"], (bad, good)  # SW hardly notices
