@@ -1172,16 +1172,38 @@ def plot_noisy_classifier(run, clf: nn.Module, images: Tensor, labels: Tensor, c
 
 # %% [markdown]
 # ## 4.5 The whole demonstration
-# `demonstrate` runs everything in order and returns what it measured. Our measurements (2 CPU
-# cores, module 09's default model, the default settings; the summary printed at the end of
-# every run holds the numbers of *your* run):
+# `demonstrate` runs everything in order and returns what it measured. The summary printed at
+# the end of every run holds the numbers of *your* run; ours (2 CPU cores, module 09's default
+# 5,000-step model, default settings: 12 minutes including both trainings) were:
 #
-# * classifier-free guidance makes the request stick far better than the classifier of noisy
-#   images, whose gradients at large sigma carry little (see `noisy_classifier_accuracy.png`);
-# * every reconstruction beats its baseline in PSNR, by the most where the baseline has least
-#   to go on (the large missing regions of inpainting);
-# * DPS's step size zeta was chosen by a sweep on a few training digits (zeta in {0.3, 1, 3});
-#   too small ignores the measurement, too large amplifies its noise.
+# * **Classifier-free guidance** puts 91.5% of the samples on the requested digit with no
+#   guidance at all ($w = 0$), 95.5% at $w = 0.5$ and 98.5% at $w = 1$, while the Frechet
+#   distance to test digits goes from 32 (real training digits: 38 +- 4) to 41 and 62: $w = 0.5$,
+#   the smallest scale that clears 90% everywhere we measured, is the recommended one. Beyond
+#   it every "3" starts to look like every other (`guided_cfg.png`).
+# * **Classifier guidance** with the noisy-image classifier needs $\gamma = 8$ for 91%
+#   (30% at $\gamma = 1$, Bayes' rule itself): the classifier no longer knows the digit at the
+#   noise levels where the sampler decides it (`noisy_classifier_accuracy.png`), while the
+#   conditional denoiser learned exactly there. Its distance is not monotone in $\gamma$
+#   (62, 46, 38, 49): with 200 samples it moves by several units from draw to draw.
+# * **Inverse problems**: the mean of 4 reconstructions beats its baseline in PSNR in every
+#   task (top half known: 15.0 against mean fill's 14.7 dB, the narrowest margin; centre box:
+#   18.7 against 16.4; random 25% of the pixels: 16.1 against 13.2; super-resolution from 7x7:
+#   17.1 against bicubic's 14.6), and one reconstruction is 2.1-2.4 dB below the mean of 4, as
+#   Section 2.6 predicts for exact posterior draws (10 log10(2 / 1.25) = 2.0 dB). One draw
+#   loses to mean fill when the top half is known (12.9 dB): it completes a *different* but
+#   plausible digit, which PSNR punishes twice. DPS deblurs a noisy measurement to 21.5 dB
+#   against 17.9 for Tikhonov least squares with its weight tuned on training digits.
+# * **DPS's step size** was chosen by a sweep on 16 training digits with noise 0.05 (PSNR,
+#   Tikhonov: 17.9 dB): with 100 steps, zeta = 0.3 / 1 / 2 / 4 / 8 gave 11.1 / 15.3 / 18.6 /
+#   19.8 / 17.1 dB; with 200 steps, zeta = 1 / 1.5 / 2 / 3 / 4 gave 18.1 / 20.5 / 22.1 / 21.8 /
+#   21.4 dB. Too small a step ignores the measurement, too large a step overshoots it (the rms
+#   residual, 0.06 at zeta = 2 against the noise level 0.05, grows to 0.18 at zeta = 8). 200
+#   steps with zeta = 2 also beat Tikhonov at
+#   noise 0, 0.1 and 0.2 (22.6 / 20.2 / 17.0 against 21.4 / 16.7 / 15.5 dB).
+# * **Tweedie** removes noise of std 0.2-1 in one network call (+8 to +11 dB), and a posterior
+#   sample's squared error is 1.84-1.90 times the posterior mean's, against 2 for exact
+#   posterior draws: the model's posterior is slightly too narrow.
 
 # %%
 def demonstrate(run, cfg: AppConfig, profile: str) -> dict:
