@@ -64,7 +64,7 @@ IMPLEMENTATION NOTES:
 
 Run:
     python 10_advanced_applications.py              # about 15 min on 2 cores with 09's model
-    python 10_advanced_applications.py --quick      # a smoke run of about a minute
+    python 10_advanced_applications.py --quick      # a smoke run of about 25 s
     python 10_advanced_applications.py --measurement-noise 0.1
     pytest tests/test_10_exercises.py -k your_answer   # check your answers ("your_answer" as
                                                        # written: it selects the learner checks)
