@@ -127,6 +127,37 @@ def test_conditional_fine_tuning_learns_the_labels_and_saves_atomically(tmp_path
                         16, 2e-3, cfg, 0, path, {"x": 2}, "test")
 
 
+def test_an_interrupted_fine_tune_resumes_exactly(tmp_path):
+    """Stopped after step 30 (checkpoints every 25), the next call resumes from step 25 and ends
+    with the same weights and losses as a run that was never interrupted."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(64) % 2
+    images = torch.randint(0, 256, (64, 1, 8, 8), generator=g, dtype=torch.uint8)
+    cfg = m.AppConfig(warmup_steps=5)
+    loss = m.conditional_loss(0.1, 0.5, 1.2, 0.5)
+    calls = {"n": 0}
+
+    def interrupted(model, x0, y, gen):
+        calls["n"] += 1
+        if calls["n"] > 30:
+            raise KeyboardInterrupt
+        return loss(model, x0, y, gen)
+
+    def run(path, batch_loss):
+        return m.train_network(m.LabelConditionalDenoiser(tiny_model(), 2), batch_loss, images,
+                               labels, 40, 16, 2e-3, cfg, 0, path, {"x": 1}, "test",
+                               save_every=25, lr_boost={"label_embedding": 10.0})
+
+    straight, losses = run(tmp_path / "a.pt", loss)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b.pt", interrupted)
+    assert nine.read_checkpoint(tmp_path / "b.pt")["step"] == 25
+    resumed, resumed_losses = run(tmp_path / "b.pt", loss)
+    assert resumed_losses == losses
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 # -- 2. classifier guidance ---------------------------------------------------------------------
 def test_classifier_gradient_matches_finite_differences_and_works_under_no_grad(gen):
     torch.manual_seed(0)
