@@ -1079,11 +1079,12 @@ class CountingDenoiser(nn.Module):
         super().__init__()
         self.denoiser, self.dtype, self.nfe = denoiser, dtype, 0
 
-    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, *extra) -> Tensor:
+        """``extra`` (e.g. module 10's class labels) is passed on to the denoiser."""
         self.nfe += 1
         with torch.autocast(x.device.type, dtype=self.dtype or torch.float32,
                             enabled=self.dtype is not None):
-            return self.denoiser(x.float(), sigma).float().to(x.dtype)
+            return self.denoiser(x.float(), sigma, *extra).float().to(x.dtype)
 
 
 def edm_sigmas(n_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:

@@ -1245,7 +1245,7 @@ def demonstrate(run, cfg: AppConfig, profile: str) -> dict:
     print(f"  unconditional model: requested digit {100 * unguided['overall']:.1f}% (chance)")
 
     def cfg_make(lab, w):
-        return cfg_denoiser(CountedConditional(cond, fast), lab, w)
+        return cfg_denoiser(nine.CountingDenoiser(cond, fast), lab, w)
 
     def cg_make(lab, s):
         return ClassifierGuidedDenoiser(nine.CountingDenoiser(base, fast), noisy_clf, lab, s)
@@ -1284,20 +1284,6 @@ def demonstrate(run, cfg: AppConfig, profile: str) -> dict:
               "everything runs.")
     run.finish(summary_rows(results, cfg), globals(), "10")
     return results
-
-
-class CountedConditional(nn.Module):
-    """A conditional denoiser run under autocast ``dtype`` that counts its network calls."""
-
-    def __init__(self, model: nn.Module, dtype):
-        super().__init__()
-        self.model, self.dtype, self.n_classes, self.nfe = model, dtype, model.n_classes, 0
-
-    def forward(self, x: Tensor, sigma: Tensor, labels: Tensor | None = None) -> Tensor:
-        self.nfe += 1
-        with torch.autocast(x.device.type, dtype=self.dtype or torch.float32,
-                            enabled=self.dtype is not None):
-            return self.model(x.float(), sigma, labels).float()
 
 
 def summary_rows(r: dict, cfg: AppConfig) -> list:
