@@ -173,6 +173,7 @@ class Config:
     churn: float = math.sqrt(2) - 1  # gamma: noise re-injected at every Heun step
     em_steps: int = 200
     pc_steps: int = 100  # PC: 2 evaluations per step (one corrector, one predictor)
+    corrector_steps: int = 1  # Langevin steps per PC step (0: the reverse-diffusion predictor)
     snr: float = 0.16  # Langevin corrector's signal-to-noise ratio
     ode_tol: float = 1e-4  # rtol = atol of RK45 for sampling
     n_samples: int = 256
@@ -1148,7 +1149,8 @@ def sde_sample(denoiser: Callable, sde, sampler: str, shape, cfg: Config, genera
         x, _, _ = sde_lib.ode_sample(sde, score, x_T, eps=eps, rtol=cfg.ode_tol, atol=cfg.ode_tol)
     elif sampler in ("euler_maruyama", "pc"):
         steps, corrector, predictor = (cfg.em_steps, 0, "euler_maruyama") \
-            if sampler == "euler_maruyama" else (cfg.pc_steps, 1, "reverse_diffusion")
+            if sampler == "euler_maruyama" else (cfg.pc_steps, cfg.corrector_steps,
+                                                 "reverse_diffusion")
         *_, x = sde_lib.pc_sample(sde, score, shape, n_steps=steps, predictor=predictor,
                                   corrector_steps=corrector, snr=cfg.snr, eps=eps,
                                   generator=generator, x_T=x_T, step_hook=step_hook)
@@ -1236,7 +1238,7 @@ def sample_quality(clf: EvalClassifier, samples: Tensor, reference_features: Ten
     feats = clf.features(x)
     probs = clf.head(feats).softmax(1)
     hist = torch.bincount(probs.argmax(1), minlength=probs.shape[1]).double() / len(x)
-    entropy = -(hist[hist > 0] * hist[hist > 0].log()).sum().item()
+    entropy = abs((hist[hist > 0] * hist[hist > 0].log()).sum().item())  # (no "-0.000")
     return {"confident": (probs.max(1).values >= 0.9).float().mean().item(),
             "entropy": entropy, "histogram": hist.tolist(),
             "frechet": frechet_distance(feats, reference_features)}
