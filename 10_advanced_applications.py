@@ -761,6 +761,15 @@ def save_conditional_npz(path: Path, images_uint8: Tensor, labels: Tensor) -> Pa
 def load_base_model(run, profile: str, images: Tensor) -> tuple[nn.Module, object, dict]:
     """Module 09's EMA denoiser, its configuration, and {"path", "step"} of its checkpoint;
     trains module 09's model first (module 09's recipe and progress bar) if it is missing."""
+    trained, cfg9 = load_or_train_09(run, profile, images)
+    return trained["good"], cfg9, {"path": trained["path"], "step": trained["state"].step}
+
+
+def load_or_train_09(run, profile: str, images: Tensor) -> tuple[dict, object]:
+    """Module 09's ``train_or_load`` result (EMA denoisers "good" and "bad", "path", "state",
+    ...) and configuration: the checkpoint as it is in ``run.args.checkpoint_dir``, or module
+    09's default training run when there is none. ``run.args`` needs dataset, checkpoint_dir
+    and seed."""
     args = run.args
     cfg9 = nine.Config.quick() if profile == "quick" else nine.Config.cpu()
     cfg9.model.in_channels, cfg9.model.image_size = images.shape[1], images.shape[-1]
@@ -779,8 +788,7 @@ def load_base_model(run, profile: str, images: Tensor) -> tuple[nn.Module, objec
             print(f"Warning: {path} holds an interrupted run (step {payload['step']} of "
                   f"{payload['training']['train_steps']}); finish it with "
                   f"'python 09_image_generation.py --resume' for better samples.")
-    trained = nine.train_or_load(run9, cfg9, images, nine.Distributed(), profile)
-    return trained["good"], cfg9, {"path": path, "step": trained["state"].step}
+    return nine.train_or_load(run9, cfg9, images, nine.Distributed(), profile), cfg9
 
 
 def load_or_train_conditional(run, base: nn.Module, base_info: dict, cfg9, cfg: AppConfig, images,
