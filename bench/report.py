@@ -35,7 +35,7 @@ def cpu_name() -> str:
 
 def machine_line(device: torch.device | str = "cpu") -> str:
     """One line that says where and with what a benchmark ran."""
-    where = (torch.cuda.get_device_name(0) if str(device).startswith("cuda")
+    where = (torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda")
              else f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     return (f"{time.strftime('%Y-%m-%d')}, {where}; Python {platform.python_version()}, "
             f"torch {torch.__version__}")
@@ -58,7 +58,10 @@ def write_section(name: str, markdown: str, path: Path = REPORT) -> Path:
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     block = f"{begin}\n{markdown.strip()}\n{end}"
-    if begin in text and end in text:
+    if (begin in text) != (end in text) or \
+            (begin in text and text.index(end) < text.index(begin)):
+        raise ValueError(f"{path} has a broken {name} section: it needs {begin} and then {end}")
+    if begin in text:
         head, rest = text.split(begin, 1)
         text = head + block + rest.split(end, 1)[1]
     else:

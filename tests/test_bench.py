@@ -42,11 +42,12 @@ def test_colab_sde_variance_is_the_integral_of_g_squared():
 
 
 def test_colab_network_has_the_published_shape():
-    """About 1.1 M parameters; 28x28 in and out; the encoder shrinks 28 -> 26 -> 12 -> 5 -> 2."""
+    """1.1 M trainable parameters (the Colab also counts its 128 fixed Fourier frequencies);
+    28x28 in and out; the encoder shrinks 28 -> 26 -> 12 -> 5 -> 2."""
     net = bench_mnist.ColabScoreNet(bench_mnist.ColabSDE())
     assert sum(p.numel() for p in net.parameters()) == 1_115_297
     sizes, h = [], torch.zeros(2, 1, 28, 28)
-    for conv in net.down:
+    for conv in (net.conv1, net.conv2, net.conv3, net.conv4):
         h = conv(h)
         sizes.append(h.shape[-1])
     assert sizes == [26, 12, 5, 2]
@@ -115,6 +116,45 @@ def test_colab_bits_per_dim_matches_a_gaussian_in_closed_form(gen):
     assert nfe > 0
 
 
+class _SpyScore(torch.nn.Module):
+    """A zero score that remembers every time it was asked about."""
+
+    def __init__(self, sde):
+        super().__init__()
+        self.sde, self.times = sde, []
+
+    def forward(self, x, t):
+        self.times.append(t.detach().clone())
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("sampler, settings, nfe", [
+    ("euler_maruyama", {"steps": 7}, 7), ("pc", {"steps": 7}, 14),
+    ("heun", {"heun_steps": 5}, 9)])
+def test_colab_samplers_count_every_network_call(sampler, settings, nfe):
+    """EM: one call per step; PC: corrector + predictor; Heun: 2 N - 1. And no call ever asks
+    the network about a time outside its training range [1e-5, 1] (Heun's churn included)."""
+    sde = bench_mnist.ColabSDE()
+    spy = _SpyScore(sde)
+    r = bench_mnist.sample_colab({"net": spy, "sde": sde}, sampler, 3, seed=0, device="cpu",
+                                 **settings)
+    assert r["nfe"] == nfe == len(spy.times)
+    assert r["images"].shape == (3, 1, 28, 28) and r["images"].dtype == torch.uint8
+    times = torch.cat(spy.times)
+    assert times.max() <= 1 + 1e-6 and times.min() >= 1e-5
+
+
+def test_cheapest_within_skips_the_reference_and_dearer_settings():
+    def row(nfe, fd, conf):
+        return {"nfe": nfe, "quality": {"frechet": fd, "confident": conf}}
+
+    ref = row(1001, 40.0, 0.8)
+    rows = [row(51, 80.0, 0.8), row(101, 43.0, 0.75), row(201, 41.0, 0.8), ref,
+            row(1001, 30.0, 0.9)]
+    assert bench_samplers.cheapest_within(rows, ref)["nfe"] == 101
+    assert bench_samplers.cheapest_within([ref, row(2000, 30.0, 0.9)], ref) is None
+
+
 def test_sampler_labels_name_the_setting():
     assert bench_mnist.sampler_label(("pc", {"steps": 500})) == "pc, 500 steps"
     assert bench_mnist.sampler_label(("ode", {"ode_tol": 1e-5})) == "ode, tol 1e-05"
@@ -137,6 +177,9 @@ def test_write_section_replaces_only_its_own_block(tmp_path):
     text = path.read_text()
     assert "old a" not in text and "new a" in text and "text" in text
     assert text.count("<!-- b:begin -->") == 1 and "second b" in text and "first b" not in text
+    path.write_text("<!-- c:end -->\n<!-- c:begin -->\n")
+    with pytest.raises(ValueError, match="broken c section"):
+        report.write_section("c", "x", path)
     assert report.markdown_table(("x", "y"), [(1, 2)]).splitlines() == \
         ["| x | y |", "| --- | --- |", "| 1 | 2 |"]
 
