@@ -30,7 +30,7 @@ The floor is the mean of each measure over pairs of independent data sets of siz
 ratio learned / exact per sampler; the goal is 1.2 or less.
 
 Usage:
-    python bench/bench_2d.py                  # 4 data sets x 3 models x 60 s, ~15 min
+    python bench/bench_2d.py                  # 4 data sets x 3 models x 60 s, ~13 min
     python bench/bench_2d.py --budget 20      # 20 s of training per model
     python bench/bench_2d.py --quick          # smoke run, a few seconds, numbers meaningless
     python bench/bench_2d.py --write-report   # also write the tables into BENCHMARKS.md
@@ -468,8 +468,10 @@ def legend_lines(results: list[dict], st: Settings) -> list[str]:
     c4, c7, c8 = st.cfg04, st.cfg07, st.cfg08
     lines = [
         f"n = {st.n} samples per sampler, against one fresh data set of n points. "
-        f"Training: {st.budget:g} s of wall time per model (a {st.probe_steps}-step probe "
-        f"included).",
+        f"Training: {st.budget:g} s of wall time per model, spent on two probe runs of "
+        f"{st.probe_steps} and {2 * st.probe_steps} steps that time a step, then the module's "
+        f"own trainer for the steps that fit (the wall-time column includes the probes; the "
+        f"machine is shared, so it can exceed the budget a little).",
         f"Samplers: 04 = ULA (module 03) on p_sigma for T = {c4.langevin_time:g} with "
         f"eps = {c4.langevin_factor:g} sigma^2 from a uniform start on the plotting box, then "
         f"one Tweedie step; 07 = annealed Langevin, {c7.n_levels} levels from the data's largest "
