@@ -258,10 +258,12 @@ def budgeted(train: Callable[[int], object], budget: float, probe_steps: int):
     """Train for about ``budget`` seconds with a trainer that takes a step count.
 
     The modules' trainers run a given number of steps, and their schedules (04's cosine decay,
-    08's warm-up) depend on it, so stopping one early would not be the module's recipe. Two
-    probe runs of k and 2k steps give the time per step without the fixed costs (building the
-    model, first calls): tau = (t_2k - t_k) / k, c = t_k - k tau; then a run from scratch of
-        n = 0.9 (budget - t_k - t_2k - c) / tau
+    08's warm-up) depend on it, so stopping one early would not be the module's recipe. A
+    warm-up probe of k steps pays the one-time costs (first calls, lazy initialisation, which
+    on the first model of a run take longer than the steps); a second probe of 2k steps then
+    times a step, tau = t_2k / 2k (its small fixed cost makes tau an overestimate, so the
+    budget errs on the short side); then a run from scratch of
+        n = 0.9 (budget - t_k - t_2k) / tau
     steps (the 2k-step model is kept if n would not exceed 2k). The machine's load can change
     during the run, so the caller reports the wall time actually spent, probes included.
     Returns (model, steps, seconds).
@@ -271,10 +273,8 @@ def budgeted(train: Callable[[int], object], budget: float, probe_steps: int):
     t_k = time.perf_counter() - start
     model = train(2 * probe_steps)
     t_2k = time.perf_counter() - start - t_k
-    # noise can make t_2k - t_k tiny: the fixed cost is taken to be at most half of t_2k
-    tau = max((t_2k - t_k) / probe_steps, t_2k / (4 * probe_steps))
-    fixed = max(t_k - probe_steps * tau, 0.0)
-    steps = int(0.9 * (budget - t_k - t_2k - fixed) / tau)
+    tau = t_2k / (2 * probe_steps)
+    steps = int(0.9 * (budget - t_k - t_2k) / tau)
     if steps > 2 * probe_steps:
         model = train(steps)
     else:
@@ -468,8 +468,9 @@ def legend_lines(results: list[dict], st: Settings) -> list[str]:
     c4, c7, c8 = st.cfg04, st.cfg07, st.cfg08
     lines = [
         f"n = {st.n} samples per sampler, against one fresh data set of n points. "
-        f"Training: {st.budget:g} s of wall time per model, spent on two probe runs of "
-        f"{st.probe_steps} and {2 * st.probe_steps} steps that time a step, then the module's "
+        f"Training: {st.budget:g} s of wall time per model, spent on a warm-up run of "
+        f"{st.probe_steps} steps, a run of {2 * st.probe_steps} steps that times a step, then "
+        f"the module's "
         f"own trainer for the steps that fit (the wall-time column includes the probes; the "
         f"machine is shared, so it can exceed the budget a little).",
         f"Samplers: 04 = ULA (module 03) on p_sigma for T = {c4.langevin_time:g} with "
@@ -562,6 +563,7 @@ def main(argv=None) -> dict:
     args, start = run.args, time.perf_counter()
     st = make_settings(args)
     names = args.datasets or (QUICK_DATASETS if args.quick else DATASETS)
+    print(f"Machine: {report.machine_line()}")
     results = []
     for i, name in enumerate(names):
         seed = args.seed + 1000 * i
