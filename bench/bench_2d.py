@@ -533,8 +533,9 @@ def report_markdown(argv, tables: list[tuple[str, tuple, list]], legend: list[st
     parts = [f"Command: `{command}`  ", f"Machine: {report.machine_line()}  ",
              f"Total wall time: {elapsed / 60:.1f} min. Figure: `{figure}`.", ""]
     parts += [f"- {line}" for line in legend]
-    for title, header, rows in tables:
-        parts += ["", f"**{title}**", "", report.markdown_table(header, rows)]
+    anchors = ("bench_2d-training", "bench_2d-detail", "bench_2d-headline")  # README links
+    for anchor, (title, header, rows) in zip(anchors, tables):
+        parts += ["", f'<a id="{anchor}"></a>**{title}**', "", report.markdown_table(header, rows)]
     return "\n".join(parts)
 
 
