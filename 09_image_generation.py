@@ -105,6 +105,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -1262,7 +1263,11 @@ def inception_model():
     if spec is None or spec.origin is None:
         return None
     path = Path(spec.origin).parent / "default_1.pt"
-    return torch.jit.load(str(path), map_location="cpu").eval() if path.exists() else None
+    if not path.exists():
+        return None
+    with warnings.catch_warnings():  # newer torch calls TorchScript deprecated; the file is one
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu").eval()
 
 
 @torch.no_grad()
