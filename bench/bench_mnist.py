@@ -425,13 +425,7 @@ def plot_quality_vs_nfe(run, points: dict, floor: dict) -> None:
         ax2.plot(nfe, [100 * p[1] for p in pts], **kw)
     ax1.axhline(floor["frechet"], color="k", lw=1, ls=":", label="real training digits")
     ax2.axhline(100 * floor["confident"], color="k", lw=1, ls=":", label="real training digits")
-    for ax, what in ((ax1, "Frechet distance (classifier features, lower is better)"),
-                     (ax2, "confident fraction, % (higher is better)")):
-        ax.set_xscale("log")
-        ax.set_xlabel("network evaluations per sample (NFE)")
-        ax.set_ylabel(what)
-        ax.grid(alpha=0.3)
-    ax1.set_yscale("log")
+    report.label_quality_axes(ax1, ax2, "Frechet distance (classifier features, lower is better)")
     ax2.legend(fontsize=7, loc="lower right")
     fig.suptitle("Quality against cost (project: solid, Colab setup: dashed)")
     run.save(fig, "bench_mnist_quality_vs_nfe")

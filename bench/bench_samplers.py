@@ -128,13 +128,7 @@ def plot_sweep(run, rows: list, ref: dict, floor: dict) -> None:
     ax1.axhspan(floor["frechet"] - floor["frechet_sd"], floor["frechet"] + floor["frechet_sd"],
                 color="k", alpha=0.1, label="real training digits (+- sd)")
     ax2.axhline(100 * floor["confident"], color="k", ls=":", lw=1, label="real training digits")
-    for ax, what in ((ax1, "Frechet distance (lower is better)"),
-                     (ax2, "confident fraction, % (higher is better)")):
-        ax.set_xscale("log")
-        ax.set_xlabel("network evaluations per sample (NFE)")
-        ax.set_ylabel(what)
-        ax.grid(alpha=0.3)
-    ax1.set_yscale("log")
+    report.label_quality_axes(ax1, ax2, "Frechet distance (lower is better)")
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7, loc="lower right")
     fig.suptitle("Module 09's model: quality against cost for every sampler")

@@ -70,3 +70,15 @@ def write_section(name: str, markdown: str, path: Path = REPORT) -> Path:
     tmp.write_text(text)
     tmp.replace(path)
     return path
+
+
+def label_quality_axes(ax_frechet, ax_confident, frechet_label: str) -> None:
+    """The two panels of a quality-against-cost figure: log NFE on x, the Frechet distance (log)
+    on the left and the confident fraction (%) on the right."""
+    for ax, what in ((ax_frechet, frechet_label),
+                     (ax_confident, "confident fraction, % (higher is better)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("network evaluations per sample (NFE)")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+    ax_frechet.set_yscale("log")
