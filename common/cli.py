@@ -172,7 +172,8 @@ def print_table(title: str, rows,
     print(line)
 
 
-def _in_notebook() -> bool:
+def in_notebook() -> bool:
+    """True inside a Jupyter (IPython kernel) session, where figures can show inline."""
     return "ipykernel" in sys.modules
 
 
@@ -185,7 +186,7 @@ def start_run(parser: argparse.ArgumentParser, module_name: str, argv=None) -> R
     """
     from common.plotting import setup_matplotlib
 
-    if argv is None and _in_notebook():
+    if argv is None and in_notebook():
         argv = []  # a notebook kernel's own argv is not ours to parse
     args = parser.parse_args(argv)
     try:
