@@ -120,7 +120,7 @@ from tqdm.auto import tqdm
 
 from common.cli import make_parser as shared_parser
 from common.cli import positive_float, positive_int, start_run
-from common.datasets import DataNotFoundError, GaussianMixture, load_mnist, resolve_data_root
+from common.datasets import DataNotFoundError, GaussianMixture, load_mnist
 from common.metrics import mmd_rbf, sliced_wasserstein
 from common.modules import load_module
 from common.plotting import grid_points, image_grid, plot_samples_over_density
@@ -1081,8 +1081,9 @@ def load_images_or_exit(args):
     try:
         return load_mnist(args.data_dir, train=True, download=args.download)
     except DataNotFoundError as err:
-        sys.exit(f"error: --images needs MNIST.\n{err}\n(data root: "
-                 f"{resolve_data_root(args.data_dir)}; add --download to try fetching it)")
+        # offer --download only when it was not given (err.can_download says downloading might help)
+        retry = "\nWith network access, add --download to fetch it." if err.can_download else ""
+        sys.exit(f"error: --images needs MNIST. {err}{retry}")
 
 
 def plot_mnist_run(states: list, sigmas: Tensor, losses: list, cfg: Config, gamma: float):

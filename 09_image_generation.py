@@ -1896,7 +1896,9 @@ def load_training_images(run, cfg: Config) -> tuple[Tensor, Tensor | None]:
         images, labels = load_image_data(args.dataset, args.data_dir, train=True,
                                          download=args.download, image_size=args.image_size)
     except DataNotFoundError as err:
-        raise SystemExit(f"error: {err}") from None
+        # offer --download only when it was not given (err.can_download says it might help)
+        retry = "\nWith network access, add --download to fetch it." if err.can_download else ""
+        raise SystemExit(f"error: {err}{retry}") from None
     cfg.model.in_channels, cfg.model.image_size = images.shape[1], images.shape[-1]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if len(images) < cfg.batch_size * world:

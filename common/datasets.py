@@ -7,20 +7,27 @@ closed form: its density, its score, and the density of ``x_t = a * x_0 + sigma 
 added to a mixture is again a mixture), hence the exact *perturbed* score and the exact
 posterior mean ``E[x_0 | x_t]``. Learned scores and samplers are measured against these.
 
-The other toys (Swiss roll, two moons, checkerboard, two spirals) have no simple density; they
-are for training and sampling. ``sample_toy(name, n)`` draws any of them by name.
+The Swiss roll (module 04, bench/bench_2d.py) and the checkerboard (bench/bench_2d.py) have no
+simple density; they are for training and sampling.
 
 Images
 ------
 ``load_mnist`` and ``load_cifar10`` read from the data root: ``--data-dir``, else the environment
-variable ``SBGM_DATA_DIR``, else ``./data``. When the files are missing and cannot be
-downloaded, the error says which files to put where.
+variable ``SBGM_DATA_DIR``, else ``./data``. ``.gz`` / ``.tar.gz`` originals are unpacked offline.
+Every failure (files missing, a download that failed, a truncated file) raises
+``DataNotFoundError`` with its own message saying which file is wrong and what to put where.
 """
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
+import shutil
+import struct
+import tarfile
+import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -210,53 +217,12 @@ def swiss_roll(n: int, generator: torch.Generator | None = None, noise: float = 
     return x + noise * torch.randn(n, 2, generator=generator, dtype=torch.float64)
 
 
-def two_moons(n: int, generator: torch.Generator | None = None, noise: float = 0.08) -> Tensor:
-    """Two interleaved half circles, centred and scaled to about [-2, 2]^2."""
-    upper = torch.rand(n, generator=generator) < 0.5
-    theta = math.pi * _uniform(n, generator)[:, 0]
-    x = torch.stack([theta.cos(), theta.sin()], dim=1)
-    x[~upper] = torch.stack([1 - theta[~upper].cos(), 0.5 - theta[~upper].sin()], dim=1)
-    x = (x - torch.tensor([0.5, 0.25], dtype=torch.float64)) * 1.6
-    return x + noise * torch.randn(n, 2, generator=generator, dtype=torch.float64)
-
-
 def checkerboard(n: int, generator: torch.Generator | None = None) -> Tensor:
     """Uniform on the eight dark squares of a 4x4 checkerboard covering [-2, 2]^2."""
     x1 = 4 * _uniform(n, generator)[:, 0] - 2
     row = torch.randint(0, 2, (n,), generator=generator).double() * 2  # 0 or 2
     x2 = _uniform(n, generator)[:, 0] - row + (torch.floor(x1) % 2)
     return torch.stack([x1, x2], dim=1)
-
-
-def two_spirals(n: int, generator: torch.Generator | None = None, noise: float = 0.05) -> Tensor:
-    """Two interleaved spiral arms (opposite signs), scaled to about [-3, 3]^2."""
-    r = _uniform(n, generator)[:, 0].sqrt() * 3 * math.pi  # sqrt: uniform density along the arm
-    arm = torch.where(torch.rand(n, generator=generator) < 0.5, 1.0, -1.0).double()
-    x = arm[:, None] * torch.stack([-r * r.cos(), r * r.sin()], dim=1) / math.pi
-    return x + noise * torch.randn(n, 2, generator=generator, dtype=torch.float64)
-
-
-def _eight_gaussians(n: int, generator: torch.Generator | None = None) -> Tensor:
-    return GaussianMixture.eight_gaussians().sample(n, generator, dtype=torch.float64)
-
-
-TOY_DATASETS = {
-    "swiss_roll": swiss_roll,
-    "two_moons": two_moons,
-    "eight_gaussians": _eight_gaussians,
-    "checkerboard": checkerboard,
-    "two_spirals": two_spirals,
-}
-
-
-def sample_toy(name: str, n: int, generator: torch.Generator | None = None,
-               dtype: torch.dtype | None = None) -> Tensor:
-    """``n`` points (n, 2) from the 2D toy ``name`` (one of ``TOY_DATASETS``)."""
-    if name not in TOY_DATASETS:
-        raise ValueError(f"unknown toy data set {name!r}; choose one of {', '.join(TOY_DATASETS)}")
-    if not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    return TOY_DATASETS[name](n, generator).to(dtype or torch.get_default_dtype())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,11 +234,34 @@ MNIST_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
+# The IDX format of MNIST: a big-endian int32 magic number (2051 images, 2049 labels), one int32
+# per dimension (count, then rows and columns for images), then one byte per pixel or label.
+IDX_MAGIC = {"images": 2051, "labels": 2049}
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_SUBSET = Path("CIFAR10_subset") / "cifar10_train_first4000.npz"
 
 
 class DataNotFoundError(FileNotFoundError):
-    """An image data set is not under the data root and could not be downloaded."""
+    """An image data set is not usable under the data root; the message says what to place where.
+
+    ``can_download`` is True when downloading was not tried (``download=False``) and might fetch
+    the files, so a command line can point to its own flag for that; after a failed download it
+    is False (repeating the flag would not help).
+    """
+
+    def __init__(self, message: str, can_download: bool = False):
+        super().__init__(message)
+        self.can_download = can_download
+
+
+class DataCorruptError(DataNotFoundError):
+    """A data file is there but damaged (truncated, not the expected format).
+
+    A subclass of DataNotFoundError because it asks the same of the user (place a complete
+    copy), so every ``except DataNotFoundError`` that turns data problems into a one-line exit
+    covers it; its message names the file and what is wrong with it.
+    """
 
 
 def resolve_data_root(data_dir: str | Path | None = None) -> Path:
@@ -283,55 +272,137 @@ def resolve_data_root(data_dir: str | Path | None = None) -> Path:
     return Path(env).expanduser() if env else Path("data")
 
 
-def mnist_available(data_dir: str | Path | None = None) -> bool:
-    """True when the four MNIST files (raw or .gz) are under ``<root>/MNIST/raw/``."""
-    raw = resolve_data_root(data_dir) / "MNIST" / "raw"
-    return all((raw / f).exists() or (raw / f"{f}.gz").exists() for f in MNIST_FILES)
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line (torchvision's download errors span several), shortened."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_mnist(data_dir: str | Path | None = None, train: bool = True, download: bool = True,
                transform=None):
     """torchvision's MNIST (60,000 train / 10,000 test images, 1x28x28 in [0, 1] by default).
 
-    Looks in ``<root>/MNIST/raw/``. If the files are not there it tries to download them (when
-    ``download``); if that fails too, raises ``DataNotFoundError`` naming the files and folder.
+    Reads the four IDX files in ``<root>/MNIST/raw/``. Files present only as their ``.gz``
+    originals are decompressed beside them first (no network needed). Missing files are
+    downloaded when ``download`` is true. Every file is checked against the size its header
+    promises. Each failure raises ``DataNotFoundError`` (``DataCorruptError`` for a damaged
+    file) with its own message: which files are missing, which download failed and why, or
+    which file is truncated, and in every case what to place where.
     """
     from torchvision import datasets, transforms
 
     root = resolve_data_root(data_dir)
-    transform = transform or transforms.ToTensor()
-    try:
-        return datasets.MNIST(str(root), train=train, download=False, transform=transform)
-    except RuntimeError:
-        pass  # not found: torchvision raises RuntimeError("Dataset not found ...")
-    reason = "download=False"
-    if download:
+    raw = root / "MNIST" / "raw"
+    _decompress_gz_originals(raw, MNIST_FILES)
+    missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
+    if missing and not download:
+        which = "" if len(missing) == len(MNIST_FILES) else \
+            f" ({', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing)"
+        raise DataNotFoundError(f"MNIST is not under {raw}{which}.\n"
+                                + _mnist_manual_route(raw, missing), can_download=True)
+    if missing:
+        _download_mnist(raw, missing)
+    for name in MNIST_FILES:
+        _check_idx_file(raw / name, IDX_MAGIC["images" if "images" in name else "labels"])
+    return datasets.MNIST(str(root), train=train, download=False,
+                          transform=transform or transforms.ToTensor())
+
+
+def _mnist_manual_route(raw: Path, missing: list[str]) -> str:
+    """What to place where: the four files, each marked when missing."""
+    files = "\n".join(f"    {raw / name}{'   (missing)' if name in missing else ''}"
+                      for name in MNIST_FILES)
+    return (f"Place these four files there (uncompressed, or the .gz originals from the MNIST "
+            f"site):\n{files}\nor point --data-dir (or the environment variable SBGM_DATA_DIR) "
+            f"at a folder that contains MNIST/raw/.")
+
+
+def _download_mnist(raw: Path, missing: list[str]) -> None:
+    """Fetch MNIST with torchvision into a temporary folder, then move the missing files to
+    ``raw``: a failed download (no network) leaves nothing behind, not even empty folders."""
+    from torchvision import datasets
+
+    with tempfile.TemporaryDirectory(prefix="sbgm-mnist-") as tmp:
         try:
-            # With only the .gz originals present this extracts them offline (md5 sums match).
-            return datasets.MNIST(str(root), train=train, download=True, transform=transform)
+            datasets.MNIST(tmp, train=True, download=True)
         except Exception as err:  # network errors come in many types
-            reason = f"download failed: {type(err).__name__}: {err}"
-    files = "\n".join(f"    {root / 'MNIST' / 'raw' / f}" for f in MNIST_FILES)
-    raise DataNotFoundError(
-        f"MNIST was not found under {root / 'MNIST' / 'raw'} ({reason}).\n"
-        f"Place these four files there (the .gz originals from the MNIST site also work):\n"
-        f"{files}\n"
-        f"or point --data-dir (or the environment variable SBGM_DATA_DIR) at a folder that "
-        f"contains MNIST/raw/."
-    )
+            raise DataNotFoundError(f"MNIST is not under {raw} and downloading it failed "
+                                    f"({_one_line(err)}).\n"
+                                    + _mnist_manual_route(raw, missing)) from None
+        raw.mkdir(parents=True, exist_ok=True)
+        for name in missing:
+            shutil.move(str(Path(tmp) / "MNIST" / "raw" / name), str(raw / name))
+
+
+def _decompress_gz_originals(folder: Path, names) -> None:
+    """For each of ``names`` present only as ``<name>.gz`` in ``folder``, write the
+    decompressed file beside it (through a temporary name, so an interrupted run never leaves a
+    truncated file that looks complete)."""
+    for name in names:
+        target, archive = folder / name, folder / f"{name}.gz"
+        if target.exists() or not archive.is_file():
+            continue
+        partial = folder / f"{name}.part"
+        try:
+            out = open(partial, "wb")
+        except OSError as err:
+            raise DataNotFoundError(
+                f"cannot decompress {archive} beside it ({_one_line(err)}); decompress it "
+                f"yourself (gunzip -k {archive}) or copy {folder} to a writable place and point "
+                f"--data-dir there.") from None
+        try:
+            with out, gzip.open(archive, "rb") as src:
+                shutil.copyfileobj(src, out)
+        except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+            partial.unlink(missing_ok=True)
+            raise DataCorruptError(
+                f"{archive} is not a complete gzip file ({_one_line(err)}). Delete it and place "
+                f"a complete copy (or the uncompressed {name}) in {folder}.") from None
+        partial.replace(target)
+
+
+def _check_idx_file(path: Path, magic: int) -> None:
+    """Raise ``DataCorruptError`` unless ``path`` is an IDX file with this magic number
+    (2051 images, 2049 labels) whose size is what its header promises."""
+    n_dims = magic % 256  # the magic number's last byte counts the dimensions
+    header_size = 4 * (1 + n_dims)
+    size = path.stat().st_size
+    fix = (f"Delete it and place a complete copy of {path.name} (or its .gz original from the "
+           f"MNIST site) in {path.parent}.")
+    with open(path, "rb") as f:
+        header = f.read(header_size)
+    found = struct.unpack(">i", header[:4])[0] if size >= 4 else None
+    if found is not None and found != magic:
+        raise DataCorruptError(f"{path} is not an MNIST IDX file: magic number {found}, "
+                               f"expected {magic}. {fix}")
+    if size < header_size:
+        raise DataCorruptError(f"{path} is truncated: {size} bytes, shorter than its "
+                               f"{header_size}-byte header. {fix}")
+    dims = struct.unpack(f">{n_dims}i", header[4:])
+    expected = header_size + math.prod(dims)
+    if size != expected:
+        what = "truncated" if size < expected else "longer than its header says"
+        raise DataCorruptError(
+            f"{path} is {what}: its header promises {' x '.join(map(str, dims))} bytes, "
+            f"{expected:,} bytes with the header, but the file has {size:,}. {fix}")
 
 
 class NpzImageDataset(torch.utils.data.Dataset):
-    """Images stored as a uint8 array (N, H, W, C) with labels (N,), served as (C, H, W) tensors."""
+    """Images stored as a uint8 array (N, H, W, C) with labels (N,), served as (C, H, W) tensors
+    (the format of the CIFAR-10 subset)."""
 
     def __init__(self, path: str | Path, transform=None):
-        with np.load(path) as data:
-            self.images = data["images"]
-            self.labels = data["labels"].astype(np.int64)
-            self.classes = [str(c) for c in data["classes"]] if "classes" in data else None
+        try:
+            with np.load(path) as data:
+                self.images = data["images"]
+                self.labels = data["labels"].astype(np.int64)
+                self.classes = [str(c) for c in data["classes"]] if "classes" in data else None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            raise DataCorruptError(f"{path} is not a readable image archive ({_one_line(err)}); "
+                                   f"delete it and place a complete copy there.") from None
         if self.images.ndim != 4 or self.images.dtype != np.uint8:
-            raise ValueError(f"{path}: expected uint8 images (N, H, W, C), "
-                             f"got {self.images.dtype} {self.images.shape}")
+            raise DataCorruptError(f"{path}: expected uint8 images (N, H, W, C), "
+                                   f"got {self.images.dtype} {self.images.shape}")
         self.transform = transform
 
     def __len__(self) -> int:
@@ -348,34 +419,75 @@ def load_cifar10(data_dir: str | Path | None = None, train: bool = True, downloa
                  transform=None):
     """CIFAR-10 (3x32x32 in [0, 1]) from ``<root>/cifar-10-batches-py/`` (torchvision's format).
 
-    If that is missing but ``<root>/CIFAR10_subset/cifar10_train_first4000.npz`` exists, the
-    training split is served from that 4,000-image subset (and a note says so). Otherwise it
-    tries to download, and failing that raises ``DataNotFoundError`` saying what to place where.
-    ``transform`` applies to tensors in [0, 1] in both cases.
+    The archive ``<root>/cifar-10-python.tar.gz`` alone is extracted first (no network needed).
+    If the folder is missing but ``<root>/CIFAR10_subset/cifar10_train_first4000.npz`` exists,
+    the training split is served from that 4,000-image subset (and a note says so). Otherwise
+    it downloads when ``download`` is true. Failures raise ``DataNotFoundError`` (a damaged
+    file: ``DataCorruptError`` naming it) saying what to place where. ``transform`` applies to
+    tensors in [0, 1] in both cases.
     """
     from torchvision import datasets, transforms
 
     root = resolve_data_root(data_dir)
     to_tensor = transforms.ToTensor()
     full_transform = to_tensor if transform is None else transforms.Compose([to_tensor, transform])
-    try:
-        return datasets.CIFAR10(str(root), train=train, download=False, transform=full_transform)
-    except RuntimeError:
-        pass
+    folder, archive = root / CIFAR10_FOLDER, root / CIFAR10_ARCHIVE
+    if not folder.exists() and archive.is_file():
+        _extract_cifar_archive(archive, root)
+    if folder.exists():
+        try:
+            return datasets.CIFAR10(str(root), train=train, download=False,
+                                    transform=full_transform)
+        except RuntimeError:  # torchvision's "not found or corrupted": say which file and why
+            raise _cifar_folder_error(folder) from None
     if train and (root / CIFAR10_SUBSET).exists():
         print(f"Note: full CIFAR-10 not found; using the 4,000-image subset "
               f"{root / CIFAR10_SUBSET}")
         return NpzImageDataset(root / CIFAR10_SUBSET, transform=transform)
-    reason = "download=False"
-    if download:
+    manual = (f"Place the python version of CIFAR-10 there: the folder\n"
+              f"    {folder}  (data_batch_1..5, test_batch, batches.meta)\n"
+              f"or the archive {archive}, or point --data-dir (or SBGM_DATA_DIR) at a folder "
+              f"that contains one of them.")
+    if not download:
+        raise DataNotFoundError(f"CIFAR-10 is not under {root}.\n{manual}", can_download=True)
+    with tempfile.TemporaryDirectory(prefix="sbgm-cifar-") as tmp:
         try:
-            return datasets.CIFAR10(str(root), train=train, download=True, transform=full_transform)
+            datasets.CIFAR10(tmp, train=train, download=True)
         except Exception as err:
-            reason = f"download failed: {type(err).__name__}: {err}"
-    raise DataNotFoundError(
-        f"CIFAR-10 was not found under {root} ({reason}).\n"
-        f"Place the python version of CIFAR-10 there, i.e. the folder\n"
-        f"    {root / 'cifar-10-batches-py'}  (data_batch_1..5, test_batch, batches.meta)\n"
-        f"or the archive {root / 'cifar-10-python.tar.gz'}, or point --data-dir (or "
-        f"SBGM_DATA_DIR) at a folder that contains it."
-    )
+            raise DataNotFoundError(f"CIFAR-10 is not under {root} and downloading it failed "
+                                    f"({_one_line(err)}).\n{manual}") from None
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(Path(tmp) / CIFAR10_FOLDER), str(folder))
+    return datasets.CIFAR10(str(root), train=train, download=False, transform=full_transform)
+
+
+def _extract_cifar_archive(archive: Path, root: Path) -> None:
+    from torchvision.datasets.utils import extract_archive
+
+    try:
+        extract_archive(str(archive), str(root))
+    except (OSError, EOFError, tarfile.TarError) as err:
+        raise DataCorruptError(f"{archive} is not a complete archive ({_one_line(err)}). Delete "
+                               f"it and place a complete copy (or the extracted folder "
+                               f"{CIFAR10_FOLDER}/) in {root}.") from None
+
+
+def _cifar_folder_error(folder: Path) -> DataNotFoundError:
+    """Why torchvision refused ``folder``: the missing files, else the first damaged one."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
+    expected = CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"],
+                                                          CIFAR10.meta["md5"]]]
+    missing = [name for name, _ in expected if not (folder / name).is_file()]
+    if missing:
+        return DataNotFoundError(f"CIFAR-10 is incomplete: {', '.join(missing)} missing from "
+                                 f"{folder}. Place the complete folder there (data_batch_1..5, "
+                                 f"test_batch, batches.meta).")
+    for name, md5 in expected:
+        if not check_integrity(str(folder / name), md5):
+            return DataCorruptError(f"{folder / name} is damaged: its MD5 sum is not the "
+                                    f"published one ({(folder / name).stat().st_size:,} bytes). "
+                                    f"Delete it and place a complete copy there.")
+    return DataCorruptError(f"torchvision could not read CIFAR-10 from {folder}; replace the "
+                            f"folder with a fresh copy.")

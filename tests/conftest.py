@@ -27,3 +27,17 @@ def pytest_collection_modifyitems(config, items):
 def gen():
     """A seeded local generator: tests never depend on global random state."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def real_mnist_root():
+    """The data root holding the real MNIST (``SBGM_DATA_DIR``, else ./data); skips the test
+    when its four files are not in ``<root>/MNIST/raw/`` (raw or .gz)."""
+    from common.datasets import MNIST_FILES, resolve_data_root
+
+    root = resolve_data_root(None)
+    raw = root / "MNIST" / "raw"
+    if not all((raw / f).exists() or (raw / f"{f}.gz").exists() for f in MNIST_FILES):
+        pytest.skip(f"real MNIST not found under {raw} (set SBGM_DATA_DIR to a folder "
+                    f"containing MNIST/raw/)")
+    return root

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.datasets import GaussianMixture, mnist_available, resolve_data_root
+from common.datasets import GaussianMixture
 from common.modules import load_module
 
 pytestmark = pytest.mark.ch07
@@ -400,13 +400,25 @@ def test_images_without_mnist_stops_with_clear_message(tmp_path):
         m.main(["--quick", "--images", "--data-dir", str(tmp_path / "nothing"),
                 "--outdir", str(tmp_path)])
     msg = str(info.value.code)
-    assert "MNIST was not found" in msg and "train-images-idx3-ubyte" in msg
+    assert "MNIST is not under" in msg and "train-images-idx3-ubyte" in msg
+    assert "add --download" in msg
 
 
-def test_images_quick_run(tmp_path):
-    root = resolve_data_root(None)
-    if not mnist_available(root):
-        pytest.skip(f"MNIST not found under {root}/MNIST/raw (set SBGM_DATA_DIR to the data "
-                    f"root to run the --images path)")
+def test_failed_download_does_not_suggest_the_flag_already_given(tmp_path, monkeypatch):
+    """--download without network: the message gives the failure and the manual route, not
+    "add --download" again; no empty folders are left in the data root."""
+    from torchvision.datasets import MNIST
+
+    monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])  # refused at once, offline
+    with pytest.raises(SystemExit) as info:
+        m.main(["--quick", "--images", "--download", "--data-dir", str(tmp_path / "data"),
+                "--outdir", str(tmp_path / "out")])
+    msg = str(info.value.code)
+    assert "downloading it failed" in msg and "train-images-idx3-ubyte" in msg
+    assert "add --download" not in msg
+    assert not (tmp_path / "data").exists()
+
+
+def test_images_quick_run(tmp_path, real_mnist_root):
     m.main(["--quick", "--images", "--outdir", str(tmp_path)])
     assert (tmp_path / m.MODULE / "mnist_samples.png").exists()

@@ -17,7 +17,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from common.datasets import DataNotFoundError, mnist_available, resolve_data_root
+from common.datasets import DataNotFoundError
 from common.modules import ROOT, load_module
 
 pytestmark = pytest.mark.ch09
@@ -747,12 +747,8 @@ def test_torchrun_two_processes_train_identical_replicas(digit_folder, tmp_path)
 
 
 # -- 14. real MNIST -----------------------------------------------------------------------------
-def test_mnist_training_set_has_the_documented_class_counts():
+def test_mnist_training_set_has_the_documented_class_counts(real_mnist_root):
     """load_image_data("mnist"): uint8 (60000, 1, 28, 28) and the classes' known sizes."""
-    root = resolve_data_root(None)
-    if not mnist_available(root):
-        pytest.skip(f"real MNIST not found under {root}/MNIST/raw (set SBGM_DATA_DIR to a "
-                    f"folder containing MNIST/raw/)")
     x, y = m.load_image_data("mnist", train=True, download=False)
     assert x.dtype == torch.uint8 and x.shape == (60000, 1, 28, 28)
     assert torch.bincount(y).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851,

@@ -143,7 +143,8 @@ def test_plot_helpers_draw_something(tmp_path):
     plotting.setup_matplotlib(show=False)
     gm = GaussianMixture.eight_gaussians()
     fig, axes = plt.subplots(1, 4, figsize=(12, 3))
-    plotting.plot_density_with_score(axes[0], gm.log_prob, gm.score, title="field")
+    plotting.plot_density(axes[0], gm.log_prob)
+    plotting.plot_score_field(axes[0], gm.score)
     assert len(axes[0].collections) > 1  # contours and arrows
     plotting.plot_samples_over_density(axes[1], gm.sample(100), gm.log_prob)
     x = torch.linspace(-3, 3, 50)
@@ -270,11 +271,11 @@ def test_named_mixtures():
 
 
 # -- datasets: toys and images ------------------------------------------------------------------
-@pytest.mark.parametrize("name", list(datasets.TOY_DATASETS))
-def test_toys_shape_range_and_reproducibility(name):
-    a = datasets.sample_toy(name, 500, torch.Generator().manual_seed(0))
-    b = datasets.sample_toy(name, 500, torch.Generator().manual_seed(0))
-    assert a.shape == (500, 2) and a.dtype == torch.get_default_dtype()
+@pytest.mark.parametrize("toy", [datasets.swiss_roll, datasets.checkerboard])
+def test_toys_shape_range_and_reproducibility(toy):
+    a = toy(500, torch.Generator().manual_seed(0))
+    b = toy(500, torch.Generator().manual_seed(0))
+    assert a.shape == (500, 2) and a.dtype == torch.float64
     torch.testing.assert_close(a, b)
     assert a.abs().max() < 4.5 and a.std(0).min() > 0.3
 
@@ -285,13 +286,6 @@ def test_checkerboard_occupies_dark_squares_only():
     assert ((cells[:, 0] + cells[:, 1]) % 2 == 0).all()
 
 
-def test_sample_toy_errors():
-    with pytest.raises(ValueError, match="unknown toy data set 'moons'"):
-        datasets.sample_toy("moons", 10)
-    with pytest.raises(ValueError, match="positive integer"):
-        datasets.sample_toy("swiss_roll", 0)
-
-
 def test_data_root_rules(monkeypatch, tmp_path):
     monkeypatch.setenv("SBGM_DATA_DIR", str(tmp_path))
     assert datasets.resolve_data_root(None) == tmp_path
@@ -300,38 +294,158 @@ def test_data_root_rules(monkeypatch, tmp_path):
     assert datasets.resolve_data_root(None) == datasets.Path("data")
 
 
+# An offline stand-in for the MNIST and CIFAR-10 servers: port 9 on this machine refuses at once.
+UNREACHABLE = "http://127.0.0.1:9/"
+
+
+def write_tiny_mnist(raw, counts=(("train", 5), ("t10k", 3)), gz=False) -> dict:
+    """The four MNIST files in the real IDX format (big-endian magic 2051/2049, counts, rows,
+    cols, then bytes) with a few random 28x28 digits; ``gz``: only the .gz originals.
+    Returns the images per split, to compare with what the loader reads."""
+    import gzip
+
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    written = {}
+    for prefix, n in counts:
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        files = {f"{prefix}-images-idx3-ubyte": np.array([2051, n, 28, 28], ">i4").tobytes()
+                 + images.tobytes(),
+                 f"{prefix}-labels-idx1-ubyte": np.array([2049, n], ">i4").tobytes()
+                 + labels.tobytes()}
+        for name, data in files.items():
+            if gz:
+                (raw / f"{name}.gz").write_bytes(gzip.compress(data))
+            else:
+                (raw / name).write_bytes(data)
+        written[prefix] = (images, labels)
+    return written
+
+
 def test_missing_mnist_says_which_files_to_place(tmp_path):
-    assert not datasets.mnist_available(tmp_path)
+    """An empty data root: all four files named, each in the folder where it belongs."""
     with pytest.raises(datasets.DataNotFoundError) as info:
         datasets.load_mnist(tmp_path, download=False)
-    message = str(info.value)
-    assert str(tmp_path / "MNIST" / "raw") in message
+    message, raw = str(info.value), tmp_path / "MNIST" / "raw"
+    assert not isinstance(info.value, datasets.DataCorruptError) and info.value.can_download
     for name in datasets.MNIST_FILES:
-        assert name in message
+        assert f"{raw / name}   (missing)" in message, message
+    assert not (tmp_path / "MNIST").exists()  # looking creates nothing
 
 
-def test_missing_cifar_says_what_to_place(tmp_path):
-    with pytest.raises(datasets.DataNotFoundError, match="cifar-10-batches-py"):
-        datasets.load_cifar10(tmp_path, download=False)
+def test_one_missing_mnist_file_is_the_one_named(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    write_tiny_mnist(raw)
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(datasets.DataNotFoundError, match="t10k-labels-idx1-ubyte is missing"):
+        datasets.load_mnist(tmp_path, download=False)
 
 
 def test_mnist_loader_reads_idx_files(tmp_path):
-    """Write a tiny MNIST in the IDX format and read it back through the loader."""
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in [("train", 5), ("t10k", 3)]:
-        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
-        header = np.array([2051, n, 28, 28], dtype=">i4").tobytes()
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
-        header = np.array([2049, n], dtype=">i4").tobytes()
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(header + labels.tobytes())
-    assert datasets.mnist_available(tmp_path)
+    """A tiny MNIST in the IDX format, read back through the loader."""
+    written = write_tiny_mnist(tmp_path / "MNIST" / "raw")
     train = datasets.load_mnist(tmp_path, train=True, download=False)
     img, label = train[0]
     assert len(train) == 5 and img.shape == (1, 28, 28) and 0 <= img.min() <= img.max() <= 1
+    assert label == written["train"][1][0]
     assert len(datasets.load_mnist(tmp_path, train=False, download=False)) == 3
+
+
+def test_gz_only_mnist_works_offline(tmp_path, monkeypatch):
+    """Only the .gz originals: decompressed beside them, without trying the network."""
+    from torchvision.datasets import MNIST
+
+    monkeypatch.setattr(MNIST, "mirrors", [UNREACHABLE])
+    written = write_tiny_mnist(tmp_path / "MNIST" / "raw", gz=True)
+    for download in (False, True):
+        test = datasets.load_mnist(tmp_path, train=False, download=download)
+        assert torch.equal(test.data, torch.from_numpy(written["t10k"][0]))
+        assert torch.equal(test.targets, torch.from_numpy(written["t10k"][1]).long())
+    assert not list((tmp_path / "MNIST" / "raw").glob("*.part"))
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_truncated_mnist_file_is_named_with_its_sizes(tmp_path, download):
+    """A cut file is reported as damaged (which file, expected and actual size, what to do),
+    not as missing, and with download=True no download hides it."""
+    raw = tmp_path / "MNIST" / "raw"
+    write_tiny_mnist(raw)
+    path = raw / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(datasets.DataCorruptError) as info:
+        datasets.load_mnist(tmp_path, download=download)
+    message = str(info.value)
+    assert str(path) in message and "truncated" in message
+    assert f"{16 + 5 * 28 * 28:,} bytes" in message and "has 1,000" in message
+    assert "Delete it and place a complete copy" in message
+
+
+def test_mnist_file_with_a_wrong_magic_number_is_named(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    write_tiny_mnist(raw)
+    images, labels = raw / "t10k-images-idx3-ubyte", raw / "t10k-labels-idx1-ubyte"
+    images.write_bytes(labels.read_bytes())  # a labels file where the images belong
+    with pytest.raises(datasets.DataCorruptError, match="magic number 2049, expected 2051"):
+        datasets.load_mnist(tmp_path, download=False)
+
+
+def test_truncated_gz_original_is_named(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    write_tiny_mnist(raw, gz=True)
+    path = raw / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(datasets.DataCorruptError, match="not a complete gzip file") as info:
+        datasets.load_mnist(tmp_path, download=False)
+    assert str(path) in str(info.value)
+    assert not (raw / "train-labels-idx1-ubyte").exists()  # no half-written file left behind
+    assert not (raw / "train-labels-idx1-ubyte.part").exists()
+
+
+def test_failed_mnist_download_leaves_nothing_and_gives_the_manual_route(tmp_path, monkeypatch):
+    from torchvision.datasets import MNIST
+
+    monkeypatch.setattr(MNIST, "mirrors", [UNREACHABLE])
+    root = tmp_path / "data"
+    with pytest.raises(datasets.DataNotFoundError) as info:
+        datasets.load_mnist(root, download=True)
+    message = str(info.value)
+    assert "downloading it failed" in message and "127.0.0.1" in message
+    assert "Place these four files" in message and not info.value.can_download
+    assert len(message.splitlines()) == 7  # the cause on one line, not torchvision's pages
+    assert not root.exists()
+
+
+def test_missing_cifar_says_what_to_place(tmp_path):
+    with pytest.raises(datasets.DataNotFoundError, match="cifar-10-batches-py") as info:
+        datasets.load_cifar10(tmp_path, download=False)
+    assert info.value.can_download and not (tmp_path / "cifar-10-batches-py").exists()
+
+
+def test_failed_cifar_download_leaves_nothing(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    monkeypatch.setattr(CIFAR10, "url", UNREACHABLE + CIFAR10.filename)
+    root = tmp_path / "data"
+    with pytest.raises(datasets.DataNotFoundError, match="downloading it failed") as info:
+        datasets.load_cifar10(root, download=True)
+    assert not info.value.can_download and not root.exists()
+
+
+def test_damaged_cifar_folder_names_the_file(tmp_path):
+    """A folder whose files are all there but one is not the published one: that file is named
+    (torchvision alone says only "not found or corrupted"); a missing one is named as missing."""
+    from torchvision.datasets import CIFAR10
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name, _ in CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], ""]]:
+        (folder / name).write_bytes(b"not a pickle")
+    with pytest.raises(datasets.DataCorruptError, match="data_batch_1 is damaged"):
+        datasets.load_cifar10(tmp_path, download=False)
+    (folder / "test_batch").unlink()
+    with pytest.raises(datasets.DataNotFoundError, match="test_batch missing"):
+        datasets.load_cifar10(tmp_path, download=False)
 
 
 def test_cifar_subset_fallback(tmp_path, capsys):
@@ -346,11 +460,20 @@ def test_cifar_subset_fallback(tmp_path, capsys):
     assert "subset" in capsys.readouterr().out
 
 
-def test_real_mnist_when_present():
-    if not datasets.mnist_available():
-        pytest.skip("real MNIST not found: set SBGM_DATA_DIR to a folder containing MNIST/raw/")
-    train = datasets.load_mnist(train=True, download=False)
-    test = datasets.load_mnist(train=False, download=False)
+def test_truncated_cifar_subset_is_named(tmp_path):
+    path = tmp_path / datasets.CIFAR10_SUBSET
+    path.parent.mkdir(parents=True)
+    images = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    np.savez(path, images=images, labels=np.arange(4, dtype=np.uint8))
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(datasets.DataCorruptError, match="not a readable image archive") as info:
+        datasets.load_cifar10(tmp_path, train=True, download=False)
+    assert str(path) in str(info.value)
+
+
+def test_real_mnist_when_present(real_mnist_root):
+    train = datasets.load_mnist(real_mnist_root, train=True, download=False)
+    test = datasets.load_mnist(real_mnist_root, train=False, download=False)
     assert len(train) == 60_000 and len(test) == 10_000
 
 
