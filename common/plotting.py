@@ -107,17 +107,6 @@ def plot_score_field(ax, score: ScoreFn, xlim=(-4, 4), ylim=(-4, 4), n_arrows: i
                      angles="xy", scale_units="xy", scale=scale, width=width, label=label)
 
 
-def plot_density_with_score(ax, log_prob: LogProbFn, score: ScoreFn, xlim=(-4, 4), ylim=(-4, 4),
-                            n_grid: int = 200, n_arrows: int = 20, title: str | None = None,
-                            dtype=torch.float64):
-    """Density contours with the score field drawn on top (the picture of module 01)."""
-    plot_density(ax, log_prob, xlim, ylim, n_grid, dtype)
-    plot_score_field(ax, score, xlim, ylim, n_arrows, dtype)
-    if title:
-        ax.set_title(title)
-    return ax
-
-
 def plot_samples_over_density(ax, samples: Tensor, log_prob: LogProbFn | None = None,
                               xlim=(-4, 4), ylim=(-4, 4), title: str | None = None,
                               color: str = "tab:red", size: float = 2.0, alpha: float = 0.5,
