@@ -7,13 +7,15 @@ How an exercise works
 2. ``solutions/NN_<name>.py`` holds a reference answer under the same function name.
 3. ``tests/test_NN_exercises.py`` writes one *check* per exercise (a function that takes an
    implementation and raises ``AssertionError`` with a helpful message when it is wrong), lists
-   plausible wrong answers, and calls :func:`exercise_tests`. That one call creates three tests:
+   plausible wrong answers, and calls :func:`exercise_tests`. That one call creates four tests:
 
    - ``test_reference_passes[<exercise>]``   the reference passes the check (the check works);
    - ``test_wrong_answer_fails[<wrong>]``    each wrong answer fails it (the check can fail);
    - ``test_your_answer[<exercise>]``        the learner's function passes, or the test is
      skipped with a message naming the exercise and file while it still raises
-     NotImplementedError.
+     NotImplementedError;
+   - ``test_every_exercise_in_the_module_is_checked``  every ``exercise_*`` of the module has
+     an ``Exercise`` entry and every entry names a function the module has.
 
 Adding a checked exercise to a module is therefore: a stub, a reference solution, a check, one
 wrong answer, and one ``Exercise(...)`` line.
@@ -195,11 +197,12 @@ class Exercise:
 
 
 def exercise_tests(number: str, exercises: Sequence[Exercise]):
-    """Create the three parametrised tests for the exercises of module ``number``.
+    """Create the four tests for the exercises of module ``number`` (see the module docstring).
 
     Use in a test file as::
 
-        test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_tests(
+        (test_reference_passes, test_wrong_answer_fails, test_your_answer,
+         test_every_exercise_in_the_module_is_checked) = exercise_tests(
             "01", [Exercise("exercise_gaussian_score", check_gaussian_score, [sign_flipped])])
     """
     import pytest
@@ -226,7 +229,15 @@ def exercise_tests(number: str, exercises: Sequence[Exercise]):
             pytest.skip(f"{exercise.name} in {module_path(number).name} is not attempted yet: "
                         f"replace its 'raise NotImplementedError' with your answer")
 
-    return test_reference_passes, test_wrong_answer_fails, test_your_answer
+    def test_every_exercise_in_the_module_is_checked():
+        in_module = {name for name, _ in list_exercises(vars(load_module(number)))}
+        checked = {ex.name for ex in exercises}
+        assert in_module == checked, (
+            f"module {number}: exercises without a check {sorted(in_module - checked)}, "
+            f"checks of functions the module does not define {sorted(checked - in_module)}")
+
+    return (test_reference_passes, test_wrong_answer_fails, test_your_answer,
+            test_every_exercise_in_the_module_is_checked)
 
 
 # ----------------------------------------------------------------------------------------------

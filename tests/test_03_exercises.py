@@ -231,15 +231,8 @@ EXERCISES = [
              [first_order_tolerance, largest_eigenvalue, smallest_diagonal_entry]),
 ]
 
-test_reference_passes, test_wrong_answer_fails, test_your_answer = exercise_tests("03", EXERCISES)
-
-
-def test_every_exercise_in_the_module_is_checked():
-    from common.exercises import list_exercises
-    from common.modules import load_module
-
-    names = [name for name, _ in list_exercises(vars(load_module("03")))]
-    assert sorted(names) == sorted(ex.name for ex in EXERCISES)
+(test_reference_passes, test_wrong_answer_fails, test_your_answer,
+ test_every_exercise_in_the_module_is_checked) = exercise_tests("03", EXERCISES)
 
 
 # -- the messages: what is wrong first, the formula only when asked for --------------------------

@@ -392,19 +392,6 @@ def test_bad_flags_give_clear_errors(argv, message, capsys, tmp_path):
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_import_runs_nothing(tmp_path, monkeypatch):
-    """Importing the module creates no figures (all work happens in main)."""
-    monkeypatch.chdir(tmp_path)
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("fresh05", m.__file__)
-    fresh = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "fresh05", fresh)  # dataclasses look their module up
-    spec.loader.exec_module(fresh)
-    assert not (tmp_path / "outputs").exists()
-
-
 def test_exercise_5_4_hint_rebuilds_the_runs_sigma(monkeypatch, tmp_path):
     """Exercise 5.4's hint: gaussian_target(100, Generator().manual_seed(0)) is the default run's
     target. Intercept the target main() builds (then stop the run) and compare."""

@@ -518,16 +518,3 @@ def test_bad_flags_give_clear_errors(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
         m.main(argv + ["--outdir", str(tmp_path)])
     assert info.value.code == 2 and message in capsys.readouterr().err
-
-
-def test_import_runs_nothing(tmp_path, monkeypatch):
-    """Importing the module creates no figures (all work happens in main)."""
-    monkeypatch.chdir(tmp_path)
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("fresh06", m.__file__)
-    fresh = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "fresh06", fresh)
-    spec.loader.exec_module(fresh)
-    assert not (tmp_path / "outputs").exists()

@@ -152,7 +152,7 @@ def test_exercise_checks_are_complete_and_selectable(number):
     test of that file has "your_answer" in its name); the chapter prints that command."""
     path = ROOT / "tests" / f"test_{number}_exercises.py"
     text = path.read_text()
-    assert "def test_every_exercise_in_the_module_is_checked" in text, path.name
+    assert "test_every_exercise_in_the_module_is_checked" in text, path.name
     assert set(re.findall(r"\w*your_answer\w*", text)) == {"test_your_answer"}, path.name
     if number != "09":  # 09's text is left as it is (it names the command in its Section 5)
         source = open(load_module(number).__file__).read()

@@ -790,6 +790,18 @@ def test_exercise_requires_a_wrong_answer():
         exercises.Exercise("exercise_x", lambda fn: None, [])
 
 
+def test_completeness_check_names_unchecked_and_stale_exercises():
+    """exercise_tests' fourth test passes for the real list of chapter 01 and fails, naming the
+    function, when an exercise has no check or a check names a function the module lacks."""
+    names = [name for name, _ in exercises.list_exercises(vars(modules.load_module("01")))]
+    entry = lambda name: exercises.Exercise(name, lambda fn: None, [lambda: 0])
+    exercises.exercise_tests("01", [entry(n) for n in names])[3]()
+    with pytest.raises(AssertionError, match=f"without a check \\['{names[0]}'\\]"):
+        exercises.exercise_tests("01", [entry(n) for n in names[1:]])[3]()
+    with pytest.raises(AssertionError, match="does not define \\['exercise_gone'\\]"):
+        exercises.exercise_tests("01", [entry(n) for n in names + ["exercise_gone"]])[3]()
+
+
 def test_print_table_aligns_columns(capsys):
     cli.print_table("T", [("a", 1.5, "2"), ("longer name", "x", "")])
     out = capsys.readouterr().out.splitlines()
