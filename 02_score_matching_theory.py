@@ -778,6 +778,23 @@ def newton_step(loss_fn: Callable[[Tensor], Tensor], theta: Tensor) -> Tensor:
 # can well exceed 3, the threshold we use for a handful of numbers in 4.4).
 
 # %%
+def plot_constant_offset(ax, sweep, mc: dict, offset_exact, C_exact: float, name: str,
+                         mc_label: str, c_label: str) -> None:
+    """The right-hand panel of 4.1 and 4.5: the Monte Carlo difference of two objectives
+    (``name``, e.g. "ESM − ISM") over the sweep, its exact value, and the constant C."""
+    ax.errorbar(sweep, mc["diff"], yerr=2 * mc["diff_se"], fmt="o", ms=3.5, capsize=2,
+                color="tab:green", label=f"{name}, {mc_label} (± 2 s.e. per point)")
+    ax.plot(sweep, offset_exact, color="k", lw=2, label=f"{name}, exact (grid)")
+    ax.axhline(C_exact, color="tab:red", ls="--", lw=1.2, label=f"{c_label} = {C_exact:.4f}")
+    ax.set_xlabel("model parameter $m_2$")
+    ax.set_ylabel(name)
+    ax.set_title(f"The offset is constant: exact spread {np.ptp(offset_exact):.1e}")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi + 0.4 * (hi - lo))  # headroom so the legend clears the error bars
+    ax.legend(fontsize=8, loc="upper center")
+
+
+# %%
 def demo_ism_vs_esm(run, cfg: Config) -> dict:
     p = target_1d()
     x_grid, _ = grid_1d(p, 0.0, cfg.n_grid)
@@ -818,18 +835,8 @@ def demo_ism_vs_esm(run, cfg: Config) -> dict:
     ax_l.set_title("ISM and ESM over a parameter sweep: same shape, shifted by C")
     ax_l.legend(fontsize=8)
 
-    ax_r.errorbar(sweep, mc["diff"], yerr=2 * mc["diff_se"], fmt="o", ms=3.5, capsize=2,
-                  color="tab:green",
-                  label="ESM − ISM, Monte Carlo on one shared sample (± 2 s.e. per point)")
-    ax_r.plot(sweep, offset_exact, color="k", lw=2, label="ESM − ISM, exact (grid)")
-    ax_r.axhline(C_exact, color="tab:red", ls="--", lw=1.2,
-                 label=f"C = ½ E|∇log p|² = {C_exact:.4f}")
-    ax_r.set_xlabel("model parameter $m_2$")
-    ax_r.set_ylabel("ESM − ISM")
-    ax_r.set_title(f"The offset is constant: exact spread {np.ptp(offset_exact):.1e}")
-    lo, hi = ax_r.get_ylim()
-    ax_r.set_ylim(lo, hi + 0.4 * (hi - lo))  # headroom so the legend clears the error bars
-    ax_r.legend(fontsize=8, loc="upper center")
+    plot_constant_offset(ax_r, sweep, mc, offset_exact, C_exact, "ESM − ISM",
+                         "Monte Carlo on one shared sample", "C = ½ E|∇log p|²")
     run.save(fig, "ism_vs_esm_sweep")
 
     return {
@@ -1227,19 +1234,9 @@ def demo_dsm_vs_esm(run, cfg: Config) -> dict:
     ax.set_title(f"DSM vs ESM on the perturbed density, σ = {sigma:g}")
     ax.legend(fontsize=8)
 
-    ax = axes[1]
-    ax.errorbar(sweep, mc["diff"], yerr=2 * mc["diff_se"], fmt="o", ms=3.5, capsize=2,
-                color="tab:green",
-                label="DSM − ESM, MC on one shared sample and noise (± 2 s.e. per point)")
-    ax.plot(sweep, offset_exact, "k", lw=2, label="DSM − ESM, exact (grid)")
-    ax.axhline(C_exact, color="tab:red", ls="--", lw=1.2,
-               label=f"$C_\\sigma$ = D/(2σ²) − ½E|∇log p_σ|² = {C_exact:.4f}")
-    ax.set_xlabel("model parameter $m_2$")
-    ax.set_ylabel("DSM − ESM")
-    ax.set_title(f"The offset is constant: exact spread {np.ptp(offset_exact):.1e}")
-    lo, hi = ax.get_ylim()
-    ax.set_ylim(lo, hi + 0.4 * (hi - lo))  # headroom so the legend clears the error bars
-    ax.legend(fontsize=8, loc="upper center")
+    plot_constant_offset(axes[1], sweep, mc, offset_exact, C_exact, "DSM − ESM",
+                         "MC on one shared sample and noise",
+                         "$C_\\sigma$ = D/(2σ²) − ½E|∇log p_σ|²")
 
     ax = axes[2]
     ax.loglog(sigmas, c_formula, "k-", lw=2,
