@@ -116,6 +116,21 @@ def test_a_raising_cell_is_reported_by_number_and_the_run_stops_there():
     assert not nb.cells[3].get("outputs") and nb.cells[3].get("execution_count") is None
 
 
+def test_a_learners_own_plot_still_shows_inline_after_a_chapter_set_up_matplotlib():
+    """setup_matplotlib (called by every chapter's start_run) keeps the kernel's inline backend:
+    switching to Agg would hide every later figure for as long as the kernel runs."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "from common.plotting import setup_matplotlib\n"
+        "setup_matplotlib(show=False, draft=True)\n"
+        "import matplotlib.pyplot as plt\n"
+        "plt.plot([0, 1], [1, 0]);")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    execute(nb, timeout=60)
+    assert not cell_errors(nb), cell_errors(nb)
+    assert inline_images(nb) == 1
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """One checkpoint folder for 09 and 10: chapter 10 reuses the model 09's notebook trained."""
