@@ -362,6 +362,18 @@ def max_abs_diff(a: Tensor, b: Tensor) -> float:
 # to the right), crosses zero *at* each mode and at the trough between the mixture's bumps, and
 # is steeper for the narrower Gaussian (its precision $1/\sigma^2$ is larger).
 
+# %% tags=["active-ipynb"]
+# # Notebook only (in the script, main() does this): QUICK = True runs the demos below at
+# # --quick sizes, in seconds; False at the script's full size. Each demo's cell follows the
+# # cell that defines it.
+# from common.notebook import notebook_run
+#
+# QUICK = True
+# run = notebook_run(make_parser(), MODULE, QUICK)
+# cfg = Config.quick() if run.quick else Config()
+# r = {}  # every demo's numbers, which main() prints as its summary
+
+
 # %%
 def demo_1d(run, cfg: Config) -> dict:
     x = torch.linspace(-5, 5, 801, dtype=DTYPE)[:, None]  # (801, 1)
@@ -387,6 +399,10 @@ def demo_1d(run, cfg: Config) -> dict:
     ax_s.legend(loc="upper right")
     run.save(fig, "densities_and_scores_1d")
     return {"1d_autograd_error": max(errors.values())}
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_1d(run, cfg))
 
 
 # %% [markdown]
@@ -427,6 +443,10 @@ def demo_score_fields(run, cfg: Config) -> dict:
     return {"gaussian_autograd_error": errors[panels[0][0]],
             "mixture_autograd_error": errors[panels[1][0]],
             "banana_autograd_error": errors[panels[2][0]]}
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_score_fields(run, cfg))
 
 
 # %% [markdown]
@@ -472,6 +492,10 @@ def demo_normaliser_invariance(run, cfg: Config) -> dict:
     return {"Z_numerical": Z, "normaliser_score_diff": invariance}
 
 
+# %% tags=["active-ipynb"]
+# r.update(demo_normaliser_invariance(run, cfg))
+
+
 # %% [markdown]
 # ## 4.4 Where the score is large and where it vanishes
 # $|s(x)|$ is zero wherever $\log p$ is flat: at each mode, at the saddle points between two
@@ -502,6 +526,10 @@ def demo_score_magnitude(run, cfg: Config) -> dict:
     run.save(fig, "score_magnitude")
     modes_score = mix.score(mix.means.clone()).norm(dim=1).max().item()
     return {"max_score_at_means": modes_score}
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_score_magnitude(run, cfg))
 
 
 # %% [markdown]
@@ -590,6 +618,10 @@ def demo_affine_and_tempering(run, cfg: Config) -> dict:
             "trough": trough, "heavy_mass": heavy_mass}
 
 
+# %% tags=["active-ipynb"]
+# r.update(demo_affine_and_tempering(run, cfg))
+
+
 # %% [markdown]
 # ## 4.6 Moments of the score: E[s] = 0 and E[s s^T] = Fisher information
 # We draw samples from the full-covariance Gaussian of 4.2 and average $s$ and $s s^\top$ over
@@ -646,6 +678,10 @@ def demo_fisher_information(run, cfg: Config) -> dict:
             "banana_fisher": banana["second_moment"], "banana_fisher_exact": banana_fisher,
             "banana_dev": ((banana["second_moment"] - banana_fisher)
                            / banana["second_moment_se"]).abs().max().item()}
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_fisher_information(run, cfg))
 
 
 # %% [markdown]
@@ -830,5 +866,6 @@ def main(argv=None):
     return r
 
 
+# %% tags=["active-py"]
 if __name__ == "__main__":
     main()

@@ -777,6 +777,18 @@ def newton_step(loss_fn: Callable[[Tensor], Tensor], theta: Tensor) -> Tensor:
 # $6 \times 10^{-5}$, so even the largest of 41 should stay below 4 (while the largest of 41
 # can well exceed 3, the threshold we use for a handful of numbers in 4.4).
 
+# %% tags=["active-ipynb"]
+# # Notebook only (in the script, main() does this): QUICK = True runs the demos below at
+# # --quick sizes, in seconds; False at the script's full size. Each demo's cell follows the
+# # cell that defines it.
+# from common.notebook import notebook_run
+#
+# QUICK = True
+# run = notebook_run(make_parser(), MODULE, QUICK)
+# cfg = Config.quick() if run.quick else Config()
+# r = {}  # every demo's numbers, which main() prints as its summary
+
+
 # %%
 def plot_constant_offset(ax, sweep, mc: dict, offset_exact, C_exact: float, name: str,
                          mc_label: str, c_label: str) -> None:
@@ -847,6 +859,10 @@ def demo_ism_vs_esm(run, cfg: Config) -> dict:
         "ism_mc_max_z": np.max(np.abs(mc["diff"] - C_exact) / mc["diff_se"]),
         "ism_argmin": sweep[np.argmin(exact["ism"])],
     }
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_ism_vs_esm(run, cfg))
 
 
 # %% [markdown]
@@ -943,6 +959,10 @@ def demo_gaussian_fit(run, cfg: Config) -> dict:
         "gauss_mu_vs_truth": (mu_fit - GAUSS_MEAN).abs().max().item(),
         "gauss_mu_se": (GAUSS_COV.diagonal() / cfg.n_gauss).sqrt().max().item(),
     }
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_gaussian_fit(run, cfg))
 
 
 # %% [markdown]
@@ -1074,6 +1094,10 @@ def demo_quartic_fit(run, cfg: Config) -> dict:
     }
 
 
+# %% tags=["active-ipynb"]
+# r.update(demo_quartic_fit(run, cfg))
+
+
 # %% [markdown]
 # ## 4.4 Stein's identity, and how it exposes a wrong score
 # We take samples of a skewed 2D mixture and average the Stein residual
@@ -1156,6 +1180,10 @@ def demo_stein_identity(run, cfg: Config) -> dict:
         "stein_gauss_nonlinear_min_z": min(max_z("gauss", [n]) for n in names[2:]),
         "stein_vector": (vec_mean.item(), vec_se.item()),
     }
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_stein_identity(run, cfg))
 
 
 # %% [markdown]
@@ -1262,6 +1290,10 @@ def demo_dsm_vs_esm(run, cfg: Config) -> dict:
     }
 
 
+# %% tags=["active-ipynb"]
+# r.update(demo_dsm_vs_esm(run, cfg))
+
+
 # %% [markdown]
 # ## 4.6 What the exact trace costs
 # We time one loss-and-gradient evaluation for a small MLP score network
@@ -1326,6 +1358,10 @@ def demo_trace_cost(run, cfg: Config) -> dict:
     slope = np.polyfit(np.log(dims[big]), np.log(t_ism[big]), 1)[0]
     return {"cost_dims": dims, "cost_ratio": t_ism / t_dsm, "cost_slope": slope,
             "cost_dsm_ms": 1e3 * t_dsm}
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_trace_cost(run, cfg))
 
 
 # %% [markdown]
@@ -1579,5 +1615,6 @@ def main(argv=None):
     return r
 
 
+# %% tags=["active-py"]
 if __name__ == "__main__":
     main()

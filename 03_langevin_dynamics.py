@@ -744,6 +744,18 @@ def _p_value(p: float) -> str:
 # samples roughly p^2 = N(0, v/2). Detailed balance, not just "having an accept/reject step",
 # is what makes p invariant.
 
+# %% tags=["active-ipynb"]
+# # Notebook only (in the script, main() does this): QUICK = True runs the demos below at
+# # --quick sizes, in seconds; False at the script's full size. Each demo's cell follows the
+# # cell that defines it.
+# from common.notebook import notebook_run
+#
+# QUICK = True
+# run = notebook_run(make_parser(), MODULE, QUICK)
+# cfg = Config.quick() if run.quick else Config()
+# target = mixture_2d()
+
+
 # %%
 def demo_stationary_variance(run, cfg: Config) -> dict:
     v, n = cfg.variance, cfg.bias_chains
@@ -814,6 +826,10 @@ def demo_stationary_variance(run, cfg: Config) -> dict:
     ax2.legend(loc="upper left", fontsize=8)
     run.save(fig, "ula_bias_1d_gaussian")
     return dict(rows=rows, p_ula=p_ula, p_mala=p_mala)
+
+
+# %% tags=["active-ipynb"]
+# bias = demo_stationary_variance(run, cfg)
 
 
 # %% [markdown]
@@ -900,6 +916,10 @@ def demo_samples_2d(run, cfg: Config, target: GaussianMixture) -> dict:
                 spread_mala=(spread_mala, se_mala), **curves)
 
 
+# %% tags=["active-ipynb"]
+# samples = demo_samples_2d(run, cfg, target)
+
+
 # %% [markdown]
 # ## 4.3 Distance to the target against step size and number of steps
 #
@@ -974,6 +994,10 @@ def _draw_floor(ax, floor: float, sd: float) -> None:
     ax.axhline(floor, color="k", ls="--", lw=1, label="floor: target sample vs reference")
     ax.axhspan(floor - 2 * sd, floor + 2 * sd, color="k", alpha=0.1, lw=0,
                label="floor +- 2 sd (sampling noise)")
+
+
+# %% tags=["active-ipynb"]
+# sweeps = demo_distance_sweeps(run, cfg, target, samples)
 
 
 # %% [markdown]
@@ -1075,6 +1099,10 @@ def demo_fokker_planck(run, cfg: Config) -> dict:
                 grid_h=grid.h, dt=dt)
 
 
+# %% tags=["active-ipynb"]
+# fp = demo_fokker_planck(run, cfg)
+
+
 # %% [markdown]
 # ## 4.5 The pitfall: separated modes and the 0.8/0.2 weights
 #
@@ -1150,6 +1178,10 @@ def demo_mode_weights(run, cfg: Config) -> dict:
                 basin=basin.tolist(), same_score=same, barrier=barrier,
                 max_diff=diff.max().item(),
                 median_diff=diff.median().item())
+
+
+# %% tags=["active-ipynb"]
+# modes = demo_mode_weights(run, cfg)
 
 
 # %% [markdown]
@@ -1358,5 +1390,10 @@ def main(argv=None):
     run.finish(summary_rows(cfg, bias, samples, sweeps, fp, modes), globals(), "03")
 
 
+# %% tags=["active-ipynb"]
+# run.finish(summary_rows(cfg, bias, samples, sweeps, fp, modes), globals(), "03")
+
+
+# %% tags=["active-py"]
 if __name__ == "__main__":
     main()

@@ -609,6 +609,18 @@ def roll_sampler(generator: torch.Generator, device=None) -> Callable[[int], Ten
 # gradients carry the least signal. The right panel shows the losses of the two Swiss-roll networks
 # of Section 4.5 (trained here too), whose floors we cannot know.
 
+# %% tags=["active-ipynb"]
+# # Notebook only (in the script, main() does this): QUICK = True runs the demos below at
+# # --quick sizes, in seconds; False at the script's full size. Each demo's cell follows the
+# # cell that defines it.
+# from common.notebook import notebook_run
+#
+# QUICK = True
+# run = notebook_run(make_parser(), MODULE, QUICK)
+# cfg = Config.quick() if run.quick else Config()
+# mix = triangle_mixture_2d()
+
+
 # %%
 def block_mean(values: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Means of consecutive blocks of ``block`` values, and the step at each block's centre."""
@@ -692,6 +704,10 @@ def demo_training(run, cfg: Config, mix: GaussianMixture) -> dict:
             "roll_histories": roll_histories}
 
 
+# %% tags=["active-ipynb"]
+# trained = demo_training(run, cfg, mix)
+
+
 # %% [markdown]
 # ## 4.2 The learned score beside the exact perturbed score, and where it is wrong
 # Each row is one noise level. Left: the exact score $\nabla\log p_\sigma$ over the perturbed
@@ -772,6 +788,10 @@ def demo_score_fields(run, cfg: Config, mix: GaussianMixture, nets: dict, errors
     return {}
 
 
+# %% tags=["active-ipynb"]
+# demo_score_fields(run, cfg, mix, trained["nets"], trained["errors"])
+
+
 # %% [markdown]
 # ## 4.3 Error against noise level: accuracy versus bias
 # One picture for Section 2.6. The learned score's errors against its own target $s_\sigma$
@@ -825,6 +845,10 @@ def demo_error_vs_sigma(run, cfg: Config, mix: GaussianMixture, nets: dict,
     run.save(fig, "error_vs_sigma")
     return {"bias": {sigma: score_bias(mix, sigma, data) for sigma in cfg.sigmas},
             "vs_clean": vs_clean}
+
+
+# %% tags=["active-ipynb"]
+# vs_sigma = demo_error_vs_sigma(run, cfg, mix, trained["nets"], trained["errors"])
 
 
 # %% [markdown]
@@ -931,6 +955,10 @@ def demo_tweedie(run, cfg: Config, mix: GaussianMixture, nets: dict) -> dict:
     ax.legend()
     run.save(fig, "tweedie_denoising")
     return {"tweedie": results, "tweedie_sigma": sigma}
+
+
+# %% tags=["active-ipynb"]
+# tw = demo_tweedie(run, cfg, mix, trained["nets"])
 
 
 # %% [markdown]
@@ -1095,6 +1123,10 @@ def demo_swiss_roll(run, cfg: Config, roll_nets: dict) -> dict:
         row[3].set_title(f"$\\sigma$ = {sigma:g}: mass along the roll")
     run.save(fig, "swiss_roll")
     return out
+
+
+# %% tags=["active-ipynb"]
+# roll = demo_swiss_roll(run, cfg, trained["roll_nets"])
 
 
 # %% [markdown]
@@ -1329,5 +1361,12 @@ def main(argv=None):
             "vs_clean": vs_sigma["vs_clean"], "tweedie": tw["tweedie"], "roll": roll}
 
 
+# %% tags=["active-ipynb"]
+# rows = summary_rows(cfg, trained["errors"], vs_sigma, tw["tweedie"],
+#                     tw["tweedie_sigma"], roll)
+# run.finish(rows, globals(), "04")
+
+
+# %% tags=["active-py"]
 if __name__ == "__main__":
     main()

@@ -618,6 +618,19 @@ def seconds_per_step(step: Callable[[], None], max_repeats: int, budget: float) 
 # share; Rademacher variance $2\alpha^2 \sum_{i \ne j} A_{ij}^2$ vanishes for a diagonal matrix.
 # Markers are measured, lines are the closed forms of 2.2.
 
+# %% tags=["active-ipynb"]
+# # Notebook only (in the script, main() does this): QUICK = True runs the demos below at
+# # --quick sizes, in seconds; False at the script's full size. Each demo's cell follows the
+# # cell that defines it.
+# from common.notebook import notebook_run
+#
+# QUICK = True
+# run = notebook_run(make_parser(), MODULE, QUICK)
+# cfg = Config.quick() if run.quick else Config()
+# target = gaussian_target(cfg.fit_dim, run.generator)
+# r = {}  # every demo's numbers, which main() prints as its summary
+
+
 # %%
 def demo_hutchinson(run, cfg: Config, target: GaussianMixture) -> dict:
     A = target.precisions[0]
@@ -666,6 +679,10 @@ def demo_hutchinson(run, cfg: Config, target: GaussianMixture) -> dict:
     rel = [abs(m - c) / c for kind in PROJECTIONS for m, c in zip(*swept[kind]) if c > 0]
     out["hutch_sweep_max_rel_err"] = max(rel)
     return out
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_hutchinson(run, cfg, target))
 
 
 # %% [markdown]
@@ -762,6 +779,10 @@ def demo_projection_variance(run, cfg: Config, target: GaussianMixture) -> dict:
     return {"var_closed": closed, "var_measured": measured, "var_max_z": var_max_z,
             "unbiased_max_z": max_z, "data_var": data_var, "data_var_cf": data_var_cf,
             "var_dim": D, "var_samples": R * cfg.var_projections[-1]}
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_projection_variance(run, cfg, target))
 
 
 # %% [markdown]
@@ -914,6 +935,10 @@ def demo_fit_quality(run, cfg: Config, target: GaussianMixture) -> dict:
     return out
 
 
+# %% tags=["active-ipynb"]
+# r.update(demo_fit_quality(run, cfg, target))
+
+
 # %% [markdown]
 # ## 4.4 The cost of a training step as the dimension grows
 # The model is module 02's MLP $s_\theta: \mathbb{R}^D \to \mathbb{R}^D$ (two hidden layers of
@@ -981,6 +1006,10 @@ def demo_cost_per_step(run, cfg: Config) -> dict:
     ax.legend()
     run.save(fig, "time_per_step_vs_dimension")
     return {"timing_dims": list(cfg.timing_dims), "times": times}
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_cost_per_step(run, cfg))
 
 
 # %% [markdown]
@@ -1200,5 +1229,6 @@ def main(argv=None):
     return r
 
 
+# %% tags=["active-py"]
 if __name__ == "__main__":
     main()

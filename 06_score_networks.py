@@ -806,6 +806,18 @@ def exact_noise_score_fn(data: GaussianMixture) -> NoiseScoreFn:
 # of every $p_\sigma$ is exact. The ladder runs from $\sigma_\max = 4$ (about the largest distance
 # between two data points, NCSNv2's rule) down to $\sigma_\min = 0.02$ in $L = 10$ steps.
 
+# %% tags=["active-ipynb"]
+# # Notebook only (in the script, main() does this): QUICK = True runs the demos below at
+# # --quick sizes, in seconds; False at the script's full size. Each demo's cell follows the
+# # cell that defines it.
+# from common.notebook import notebook_run
+#
+# QUICK = True
+# run = notebook_run(make_parser(), MODULE, QUICK)
+# cfg = Config.quick() if run.quick else Config()
+# r = {}  # every demo's numbers, which main() prints as its summary
+
+
 # %%
 def mixture_data() -> GaussianMixture:
     """The data of this module: eight Gaussians, radius 2, std 0.15."""
@@ -822,6 +834,10 @@ def ddpm_time(t: Tensor) -> Tensor:
 
 
 FOURIER_SCALE = 16.0  # as NCSN++ (on log sigma); the Colab tutorial uses 30 on t in [0, 1]
+
+
+# %% tags=["active-ipynb"]
+# data, noise = mixture_data(), noise_ladder(cfg)
 
 
 # %% [markdown]
@@ -920,6 +936,10 @@ def side_lobe_rms(fourier: GaussianFourierFeatures, embed_dim: int, seed: int,
                            far).square().mean() for j in range(n_draws)]
     return {"side_lobe_rms": embedding_kernel(fourier, far).square().mean().sqrt().item(),
             "side_lobe_rms_avg": torch.stack(ms).mean().sqrt().item()}
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_embeddings(run, cfg))
 
 
 # %% [markdown]
@@ -1074,6 +1094,10 @@ def moving_average(a: np.ndarray, window: int) -> np.ndarray:
     return csum / np.maximum(ccount, 1)
 
 
+# %% tags=["active-ipynb"]
+# trained = train_all(run, cfg, data, noise)
+
+
 # %% [markdown]
 # ## 4.4 Debugging tip 2: the loss of every noise level, against its floor
 # Left: the $\sigma^2$-weighted training loss of each level of the full recipe (a 100-step
@@ -1198,6 +1222,10 @@ def demo_loss_per_level(run, cfg: Config, full: dict, data: GaussianMixture,
             "unweighted_floor_ratio": float(unweighted.max() / unweighted.min())}
 
 
+# %% tags=["active-ipynb"]
+# r.update(demo_loss_per_level(run, cfg, trained["full"], data, noise))
+
+
 # %% [markdown]
 # ## 4.5 Warm-up, clipping and the EMA during training
 # Left: the learning rate ramps up over the warm-up and then stays constant. Middle: the
@@ -1263,6 +1291,10 @@ def demo_training_strategies(run, cfg: Config, trained: dict) -> dict:
             "excess_raw": {n: float(t["evals"]["raw"][-1].sum()) for n, t in trained.items()},
             "excess_ema": {n: float(t["evals"]["ema"][-1].sum()) for n, t in trained.items()},
             "excess_slow_ema": float(evals["slow_ema"][-1].sum())}
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_training_strategies(run, cfg, trained))
 
 
 # %% [markdown]
@@ -1343,6 +1375,10 @@ def worst_ratio(ratio: Tensor, sigmas: Tensor) -> tuple[float, float]:
     """(ratio, sigma) at the level where ratio (L,) is farthest from 1 (0.5 and 2 count alike)."""
     i = int(ratio.log().abs().argmax())
     return float(ratio[i]), float(sigmas[i])
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_score_norms(run, cfg, trained, data, noise))
 
 
 # %% [markdown]
@@ -1466,6 +1502,10 @@ def demo_sample_quality(run, cfg: Config, trained: dict, data: GaussianMixture,
         ax.legend(fontsize=8, ncol=2, loc="upper right")
     run.save(fig, "sample_quality")
     return {"sample_scores": scores, "mmd_noise": mmd_noise, "mmd_null_mean": mmd_null_mean}
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_sample_quality(run, cfg, trained, data, noise))
 
 
 # %% [markdown]
@@ -1700,5 +1740,6 @@ def main(argv=None):
     return r
 
 
+# %% tags=["active-py"]
 if __name__ == "__main__":
     main()

@@ -575,6 +575,17 @@ class SmallConvScoreNet(nn.Module):
 # $\sigma_\min = 0.01$, with the steps $\alpha_i = r\sigma_i^2$. Right: Technique 4, the
 # excess $v_T/\sigma_i^2 - 1$ after $T$ steps against $r$, split into its two terms (2.6).
 
+# %% tags=["active-ipynb"]
+# # Notebook only (in the script, main() does this): QUICK = True runs the demos below at
+# # --quick sizes, in seconds; False at the script's full size. Each demo's cell follows the
+# # cell that defines it.
+# from common.notebook import notebook_run
+#
+# QUICK = True
+# run = notebook_run(make_parser(), MODULE, QUICK)
+# cfg = Config.quick() if run.quick else Config()
+
+
 # %%
 def separated_modes_data() -> GaussianMixture:
     """0.8 N((-5,-5), I) + 0.2 N((5,5), I): module 03's failure case."""
@@ -647,6 +658,11 @@ def demo_schedule(run, cfg: Config, data: GaussianMixture) -> dict:
             "variance_ratio_used": float(variance_ratio_after(cfg.step_ratio,
                                                               cfg.steps_per_level, gamma)),
             "variance_ratio_t4": float(variance_ratio_after(r4, cfg.steps_per_level, gamma))}
+
+
+# %% tags=["active-ipynb"]
+# data = separated_modes_data()
+# schedule = demo_schedule(run, cfg, data)
 
 
 # %% [markdown]
@@ -790,6 +806,10 @@ def demo_exact_annealing(run, cfg: Config, data: GaussianMixture, schedule: dict
             "denoise_shift": (states[-1] - states[-2]).norm(dim=1).mean().item()}
 
 
+# %% tags=["active-ipynb"]
+# exact = demo_exact_annealing(run, cfg, data, schedule)
+
+
 # %% [markdown]
 # ## 4.3 A trained noise-conditional network
 # Module 06's `NoiseConditionalScoreNet` (Fourier features of $\log\sigma$, output divided by
@@ -896,6 +916,10 @@ def demo_learned(run, cfg: Config, data: GaussianMixture, schedule: dict, exact:
             "w_learned": langevin03.mode_fractions(states[-1], data).tolist(),
             "w_learned_levels": [heavy_weight(s, data) for s in states],
             "final_loss": float(losses[-max(1, len(steps) // 10):].mean())}
+
+
+# %% tags=["active-ipynb"]
+# learned = demo_learned(run, cfg, data, schedule, exact)
 
 
 # %% [markdown]
@@ -1023,6 +1047,10 @@ def demo_mode_weights(run, cfg: Config, data: GaussianMixture, schedule: dict, e
     return {}
 
 
+# %% tags=["active-ipynb"]
+# demo_mode_weights(run, cfg, data, schedule, exact, learned)
+
+
 # %% [markdown]
 # ## 4.5 Samples at each noise level
 # Top row: the exact-score chains after levels 1, 5, 7, 10 and 20 ($\sigma \approx$ 20, 4, 2,
@@ -1063,6 +1091,10 @@ def demo_levels(run, cfg: Config, data: GaussianMixture, schedule: dict, exact: 
                  "of $p_{\\sigma_i}$")
     run.save(fig, "samples_per_level")
     return {"shown_levels": [i + 1 for i in show]}
+
+
+# %% tags=["active-ipynb"]
+# demo_levels(run, cfg, data, schedule, exact, learned)
 
 
 # %% [markdown]
@@ -1155,6 +1187,12 @@ def demo_images(run, cfg: Config, train) -> dict:
                       "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])),
                       "residual_noise": (states[-1] - states[-2]).flatten(1).norm(dim=1).mean()
                       .item()}}
+
+
+# %% tags=["active-ipynb"]
+# IMAGES = False  # True: the MNIST demo of --images (needs MNIST; minutes at full size)
+# if IMAGES:
+#     schedule.update(demo_images(run, cfg, load_images_or_exit(run.args)))
 
 
 # %% [markdown]
@@ -1403,5 +1441,10 @@ def main(argv=None):
     return {"schedule": schedule, "exact": exact, "learned": learned}
 
 
+# %% tags=["active-ipynb"]
+# run.finish(summary_rows(cfg, run.quick, schedule, exact, learned), globals(), "07")
+
+
+# %% tags=["active-py"]
 if __name__ == "__main__":
     main()

@@ -1113,6 +1113,18 @@ def bits_per_dim(log_p: Tensor, n_dims: int, scale: float = 2.0, n_levels: int =
 # 0.15), whose marginals $p_t$ and scores are known exactly under every SDE. The VE SDE uses
 # $s_\max = 10$, above the largest distance between data points (4.3), as module 07 advises.
 
+# %% tags=["active-ipynb"]
+# # Notebook only (in the script, main() does this): QUICK = True runs the demos below at
+# # --quick sizes, in seconds; False at the script's full size. Each demo's cell follows the
+# # cell that defines it.
+# from common.notebook import notebook_run
+#
+# QUICK = True
+# run = notebook_run(make_parser(), MODULE, QUICK)
+# cfg = Config.quick() if run.quick else Config()
+# r = {}  # every demo's numbers, which main() prints as its summary
+
+
 # %%
 def make_data() -> GaussianMixture:
     return GaussianMixture.eight_gaussians(radius=2.0, std=0.15)
@@ -1120,6 +1132,10 @@ def make_data() -> GaussianMixture:
 
 def make_sdes() -> dict[str, SDE]:
     return {name: make_sde(name) for name in SDE_NAMES}
+
+
+# %% tags=["active-ipynb"]
+# data, sdes = make_data(), make_sdes()
 
 
 # %% [markdown]
@@ -1196,6 +1212,10 @@ def demo_forward_marginals(run, cfg: Config, data: GaussianMixture, sdes: dict) 
                  f"vs the closed-form kernel")
     run.save(fig, "forward_sde_vs_closed_form")
     return {"forward_check": worst}
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_forward_marginals(run, cfg, data, sdes))
 
 
 # %% [markdown]
@@ -1287,6 +1307,11 @@ def demo_exact_samplers(run, cfg: Config, data: GaussianMixture, sdes: dict) -> 
             "exact_ode_nfe": nfe, "reference": reference}
 
 
+# %% tags=["active-ipynb"]
+# exact = demo_exact_samplers(run, cfg, data, sdes)
+# r.update(exact)
+
+
 # %% [markdown]
 # At 300 steps all three samplers are close to the floor, so the picture above cannot tell them
 # apart. Some distances fall a little outside the floor's band (in either direction): the
@@ -1345,6 +1370,10 @@ def demo_sampler_convergence(run, cfg: Config, data: GaussianMixture, sdes: dict
     return {"convergence": curves}
 
 
+# %% tags=["active-ipynb"]
+# r.update(demo_sampler_convergence(run, cfg, data, sdes, exact))
+
+
 # %% [markdown]
 # ## 4.3 Reverse trajectories: stochastic and deterministic
 # The same starting points, run back with the reverse SDE (Euler-Maruyama) and with the
@@ -1377,6 +1406,10 @@ def demo_reverse_trajectories(run, cfg: Config, data: GaussianMixture, sdes: dic
         ax.legend(loc="lower right")
     run.save(fig, "reverse_trajectories")
     return {}
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_reverse_trajectories(run, cfg, data, sdes))
 
 
 # %% [markdown]
@@ -1462,6 +1495,10 @@ def demo_likelihood(run, cfg: Config, data: GaussianMixture, sdes: dict) -> dict
             "hutch_se": hutch_se.max().item(), "grid_err": grid_err, "grid_nfe": nfe_grid}
 
 
+# %% tags=["active-ipynb"]
+# r.update(demo_likelihood(run, cfg, data, sdes))
+
+
 # %% [markdown]
 # ## 4.5 DDPM as the discretised VP SDE
 # $\bar\alpha_i$ of DDPM's schedule $\beta_i = \beta(t_i)/N$ against the VP SDE's $\alpha_t^2$:
@@ -1493,6 +1530,10 @@ def demo_ddpm(run, cfg: Config, sdes: dict) -> dict:
     ax.legend()
     run.save(fig, "ddpm_connection")
     return {"ddpm_errors": errors, "exact_discretisation_err": exact_err}
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_ddpm(run, cfg, sdes))
 
 
 # %% [markdown]
@@ -1654,6 +1695,10 @@ def comparison_rows(r: dict, sdes: dict) -> list[tuple[str, ...]]:
                  f"{f['mmd'][0]:.3f} +- {f['mmd'][1]:.3f}", "",
                  f"{f['sw'][0]:.3f} +- {f['sw'][1]:.3f}"))
     return rows
+
+
+# %% tags=["active-ipynb"]
+# r.update(demo_trained(run, cfg, data, sdes, exact))
 
 
 # %% [markdown]
@@ -1901,5 +1946,6 @@ def main(argv=None):
     return r
 
 
+# %% tags=["active-py"]
 if __name__ == "__main__":
     main()

@@ -1960,5 +1960,27 @@ def report_replicas(state: TrainState, dist: Distributed) -> None:
     print(f"Weights identical on all {dist.world_size} processes: {'yes' if same else 'NO'}")
 
 
+# %% tags=["active-ipynb"]
+# # Notebook only (in the script, main() does this; the helpers it needs are
+# # defined just above): QUICK = True trains a tiny U-Net for seconds (its digits
+# # are noise); False is the script's default run (about 20 minutes on 2 cores).
+# from common.notebook import notebook_run
+#
+# QUICK = True
+# run = notebook_run(make_parser(), MODULE, QUICK)
+# cfg, profile = choose_config(run)
+# images, labels = load_training_images(run, cfg)
+# print(f"Data: {len(images)} images of shape {tuple(images.shape[1:])}")
+
+
+# %% tags=["active-ipynb"]
+# trained = train_or_load(run, cfg, images, Distributed(), profile)  # Section 4.1
+
+
+# %% tags=["active-ipynb"]
+# results = evaluate_all(run, cfg, trained, images, labels, profile, None)  # 4.2-4.3
+
+
+# %% tags=["active-py"]
 if __name__ == "__main__":
     main()

@@ -1463,5 +1463,21 @@ def main(argv=None):
             from None
 
 
+# %% tags=["active-ipynb"]
+# # Notebook only (in the script, main() does this): QUICK = True uses module 09's
+# # --quick model (trained here first if missing) and tiny networks of its own;
+# # False is the script's default run (about 15 minutes given 09's model).
+# from common.notebook import notebook_run
+#
+# QUICK = True
+# run = notebook_run(make_parser(), MODULE, QUICK)
+# cfg, profile = config_from_flags(run)
+
+
+# %% tags=["active-ipynb"]
+# results = demonstrate(run, cfg, profile)  # Section 4.5
+
+
+# %% tags=["active-py"]
 if __name__ == "__main__":
     main()

@@ -7,6 +7,8 @@ Each submodule holds one concern; a helper lives here only once two or more modu
 - ``device``    : pick cuda, then mps, then cpu
 - ``cli``       : the flags every module accepts (--quick, --device, --seed, --outdir, ...)
 - ``plotting``  : headless figures saved to outputs/<module>/, shared plot helpers
+- ``notebook``  : each module as a Jupyter notebook (python -m common.notebook NN), its runs
+                  there (notebook_run); needs requirements-notebooks.txt to convert
 - ``datasets``  : 2D toy data (with exact scores for Gaussian mixtures) and image loaders
 - ``metrics``   : sample-quality distances (MMD, sliced Wasserstein) and the data-vs-data floor
 - ``training``  : expand_to (broadcast a per-sample sigma or t over x) and the EMA of weights

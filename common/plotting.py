@@ -14,19 +14,22 @@ import matplotlib
 import numpy as np
 import torch
 
+from common.cli import in_notebook
+
 Tensor = torch.Tensor
 LogProbFn = Callable[[Tensor], Tensor]  # (N, 2) -> (N,)
 ScoreFn = Callable[[Tensor], Tensor]  # (N, 2) -> (N, 2)
 
 
 def setup_matplotlib(show: bool = False, draft: bool = False) -> None:
-    """Use the non-interactive Agg backend unless figures are to be shown; set readable defaults.
+    """Use the non-interactive Agg backend unless figures are to be shown or we run inside a
+    Jupyter kernel (whose inline backend must stay); set readable defaults.
 
     ``draft`` (used by --quick) saves at a lower resolution and without cropping to the tight
     bounding box (which draws every figure twice): rendering large multi-panel figures is a good
     part of a smoke run's time.
     """
-    if not show:
+    if not show and not in_notebook():
         matplotlib.use("Agg", force=True)
     matplotlib.rcParams.update(
         {
@@ -44,14 +47,22 @@ def setup_matplotlib(show: bool = False, draft: bool = False) -> None:
 
 
 def save_figure(fig, outdir: str | Path, name: str, show: bool = False) -> Path:
-    """Save ``fig`` as ``outdir/name.png`` and close it (or show it first with ``show``)."""
+    """Save ``fig`` as ``outdir/name.png`` and close it (or show it first with ``show``).
+
+    In a notebook the saved PNG is also shown as the cell's output: exactly the file written, and
+    at no extra rendering cost.
+    """
     import matplotlib.pyplot as plt
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     path = outdir / f"{name}.png"
     fig.savefig(path)
-    if show:
+    if in_notebook():
+        from IPython.display import Image, display
+
+        display(Image(filename=str(path)))
+    elif show:
         plt.show()
     plt.close(fig)
     return path

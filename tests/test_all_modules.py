@@ -50,12 +50,60 @@ def test_chapter_follows_the_conventions(number):
     missing = [h for h in HEADER if h not in text[:6000]]
     assert not missing, f"header lacks {missing}"
     assert "# %% [markdown]" in text and re.search(r"^# %%$", text, re.M)
+    problems = cell_problems(text)
+    assert not problems, "\n".join(problems)
     for section in range(1, 6):
         assert f"# # Section {section}" in text, f"no Section {section} heading"
     names = [name for name, _ in list_exercises(vars(module))]
     assert len(names) >= 4, names
     solutions = load_solutions(number)
     assert all(hasattr(solutions, name) for name in names)
+
+
+# Percent-cell markers a chapter may use. The two tagged kinds exist on one side only (jupytext):
+# notebook-only cells are comments in the script, script-only cells are inert in the notebook.
+NOTEBOOK_ONLY, SCRIPT_ONLY = '# %% tags=["active-ipynb"]', '# %% tags=["active-py"]'
+CELL_MARKERS = ("# %%", "# %% [markdown]", NOTEBOOK_ONLY, SCRIPT_ONLY)
+
+
+def cell_problems(text: str) -> list[str]:
+    """What is wrong with a chapter's cells: an unknown marker; a notebook-only cell with a line
+    that is not a comment (the script would run it); no notebook-only cell (nothing runs the
+    demos in a notebook); an `if __name__ == "__main__"` outside a script-only cell (a kernel's
+    __name__ is "__main__": the notebook would rerun the whole default program)."""
+    cells, problems = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.startswith("# %%"):
+            cells.append((line.rstrip(), number, []))
+            if line.rstrip() not in CELL_MARKERS:
+                problems.append(f"line {number}: unknown cell marker {line!r}")
+        elif cells:
+            cells[-1][2].append(line)
+    notebook_only = [(start, body) for marker, start, body in cells if marker == NOTEBOOK_ONLY]
+    if not notebook_only:
+        problems.append(f"no notebook-only cell ({NOTEBOOK_ONLY}) runs the demos")
+    for start, body in notebook_only:
+        if any(line.strip() and not line.startswith("#") for line in body):
+            problems.append(f"line {start}: a notebook-only cell has a line that is not a comment")
+    for marker, start, body in cells:
+        if any(line.startswith("if __name__ ==") for line in body) and marker != SCRIPT_ONLY:
+            problems.append(f"line {start}: `if __name__ == ...` outside a {SCRIPT_ONLY} cell")
+    return problems
+
+
+def test_cell_check_can_fail():
+    good = f'"""Doc."""\n\n# %%\nx = 1\n\n{NOTEBOOK_ONLY}\n# run = 1\n\n{SCRIPT_ONLY}\n' \
+        'if __name__ == "__main__":\n    main()\n'
+    assert cell_problems(good) == []
+    live = good.replace("# run = 1", "run = 1")
+    assert cell_problems(live) == ["line 6: a notebook-only cell has a line that is not a comment"]
+    plain_main = good.replace(SCRIPT_ONLY, "# %%")
+    assert cell_problems(plain_main) == [f"line 9: `if __name__ == ...` outside a {SCRIPT_ONLY} "
+                                         "cell"]
+    no_demos = good.replace(NOTEBOOK_ONLY, "# %% [markdown]")
+    assert cell_problems(no_demos) == [f"no notebook-only cell ({NOTEBOOK_ONLY}) runs the demos"]
+    assert cell_problems(good.replace("# %%\nx", "# %% [md]\nx")) == [
+        "line 3: unknown cell marker '# %% [md]'"]
 
 
 # -- One name, one contract ----------------------------------------------------------------------
