@@ -234,13 +234,15 @@ def _children_cpu_seconds() -> float | None:
 
 
 def run_course(numbers, flags, outdir: Path, root: Path = ROOT, verbose: bool = False,
-               key_rows=KEY_ROWS, grace: float = 10.0) -> tuple[list[Result], bool]:
+               key_rows=None, grace: float = 10.0) -> tuple[list[Result], bool]:
     """Run the chapters ``numbers`` of ``root`` in order with ``flags``.
 
     Returns the results of the chapters that ran and whether the run was interrupted.
     ``outdir`` must be where the chapters write (their ``--outdir``): the logs go to
     ``outdir/course/`` and each chapter's summary is read from ``outdir/NN_name/summary.json``.
+    ``key_rows`` defaults to KEY_ROWS.
     """
+    key_rows = KEY_ROWS if key_rows is None else key_rows
     chapters = find_chapters(root)
     results = []
     try:
