@@ -14,4 +14,5 @@ Each submodule holds one concern; a helper lives here only once two or more modu
 - ``training``  : expand_to (broadcast a per-sample sigma or t over x) and the EMA of weights
 - ``modules``   : load ``01_score_functions_basics.py`` and friends by number
 - ``exercises`` : the machinery that lists and checks the exercises at the end of each module
+- ``course``    : ``python -m common.course`` runs the modules in order and tabulates what each measured
 """

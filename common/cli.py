@@ -152,7 +152,22 @@ class Run:
         print(f"\nFigures ({len(self.figures)}) in {self.outdir}/:")
         for path in self.figures:
             print(f"  {path.name}")
+        self.write_summary(rows)
         print_exercises(namespace, number)
+
+    def write_summary(self, rows) -> Path:
+        """Write the rows and the figure names to ``outdir/summary.json`` and return its path.
+
+        Tools that run many modules (``python -m common.course``) read this file instead of
+        parsing the printed table. Cells are strings, exactly as the table prints them.
+        """
+        import json
+
+        summary = {"rows": [[str(cell) for cell in row] for row in rows],
+                   "figures": [path.name for path in self.figures]}
+        path = self.outdir / "summary.json"
+        path.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        return path
 
 
 def print_table(title: str, rows,

@@ -25,9 +25,11 @@ def setup_matplotlib(show: bool = False, draft: bool = False) -> None:
     """Use the non-interactive Agg backend unless figures are to be shown or we run inside a
     Jupyter kernel (whose inline backend must stay); set readable defaults.
 
-    ``draft`` (used by --quick) saves at a lower resolution and without cropping to the tight
-    bounding box (which draws every figure twice): rendering large multi-panel figures is a good
-    part of a smoke run's time.
+    ``draft`` (used by --quick) saves at a lower resolution, without cropping to the tight
+    bounding box and without constrained layout (each of which draws every figure once more to
+    measure its labels): rendering large multi-panel figures is a good part of a smoke run's
+    time (about a sixth of 08 --quick went into the layout alone), and a smoke run's figures only
+    show that the code runs, so labels may crowd.
     """
     if not show and not in_notebook():
         matplotlib.use("Agg", force=True)
@@ -41,7 +43,7 @@ def setup_matplotlib(show: bool = False, draft: bool = False) -> None:
             "axes.labelsize": 10,
             "legend.fontsize": 9,
             # Constrained layout keeps labels from overlapping.
-            "figure.constrained_layout.use": True,
+            "figure.constrained_layout.use": not draft,
         }
     )
 
