@@ -12,7 +12,6 @@ import sys
 import pytest
 
 from common import notebook
-from common.datasets import mnist_available, resolve_data_root
 from common.modules import ROOT, load_module
 from common.notebook import chapter_path, chapters, to_notebook
 
@@ -139,10 +138,9 @@ def checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize("number", CHAPTERS)
 def test_notebook_runs_cell_by_cell_with_figures_inline_and_saved(number, tmp_path, monkeypatch,
-                                                                  checkpoints):
-    if number in NEEDS_MNIST and not mnist_available(resolve_data_root(None)):
-        pytest.skip(f"real MNIST not found under {resolve_data_root(None)}/MNIST/raw (set "
-                    f"SBGM_DATA_DIR to a folder containing MNIST/raw/)")
+                                                                  checkpoints, request):
+    if number in NEEDS_MNIST:
+        request.getfixturevalue("real_mnist_root")  # skips, saying why, without real MNIST
     flags = f"--outdir {tmp_path} --threads 1"
     if number in NEEDS_MNIST:
         flags += f" --checkpoint-dir {checkpoints}"
