@@ -5,7 +5,9 @@ Each submodule holds one concern; a helper lives here only once two or more modu
 - ``seeding``   : seed Python, numpy and torch in one call; opt-in deterministic mode; seeded
                   generators on a device (make_generator) and a check that one matches a tensor
 - ``device``    : pick cuda, then mps, then cpu
-- ``cli``       : the flags every module accepts (--quick, --device, --seed, --outdir, ...)
+- ``cli``       : the flags every module accepts (--quick, --device, --seed, --outdir, ...),
+                  each flag's allowed range (memory and time included), the summary table
+- ``progress``  : progress bars in a terminal or a notebook, none in a log
 - ``plotting``  : headless figures saved to outputs/<module>/, shared plot helpers
 - ``datasets``  : 2D toy data (with exact scores for Gaussian mixtures) and image loaders
 - ``metrics``   : sample-quality distances (MMD, sliced Wasserstein) and the data-vs-data floor
