@@ -1,5 +1,9 @@
 """Shared pytest setup: headless matplotlib, the --run-slow option, and small fixtures."""
 
+import io
+from contextlib import redirect_stderr, redirect_stdout
+from types import SimpleNamespace
+
 import matplotlib
 import pytest
 import torch
@@ -27,3 +31,30 @@ def pytest_collection_modifyitems(config, items):
 def gen():
     """A seeded local generator: tests never depend on global random state."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """``quick_run("03", *flags)``: chapter 03's ``main(["--quick", ..., *flags])``, run once
+    per session.
+
+    Several tests look at the same --quick run (a chapter's end-to-end test, the determinism and
+    quiet-progress-bar checks), so it runs once and its result, stdout, stderr and output folder
+    (``outdir / module name`` holds the figures) are shared: treat them as read-only.
+    """
+    from common.modules import load_module
+
+    runs = {}
+
+    def run(number: str, *flags: str) -> SimpleNamespace:
+        key = (number, *flags)
+        if key not in runs:
+            outdir = tmp_path_factory.mktemp(f"quick_{number}")
+            out, err = io.StringIO(), io.StringIO()
+            with redirect_stdout(out), redirect_stderr(err):
+                result = load_module(number).main(["--quick", "--outdir", str(outdir), *flags])
+            runs[key] = SimpleNamespace(result=result, out=out.getvalue(), err=err.getvalue(),
+                                        outdir=outdir)
+        return runs[key]
+
+    return run
