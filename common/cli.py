@@ -63,7 +63,7 @@ def machine_memory() -> int | None:
 
 
 def format_bytes(n: float) -> str:
-    """1.5e10 -> '15 GB' (decimal units, two significant digits or more)."""
+    """1.5e10 -> '15 GB' (decimal units, three significant digits)."""
     for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
         if n < 1000 or unit == "PB":
             return f"{n:.3g} {unit}"
@@ -85,6 +85,13 @@ def _plural(unit: str, n) -> str:
     return unit if n == 1 or unit.endswith("s") else unit + "s"
 
 
+def _too_slow(text: str, value: float, seconds_each: float, unit: str) -> str:
+    """The reason a value is refused for time: ': 1e12 steps would take about ... h ...'."""
+    return (f": {text} {_plural(unit, value)} would take about "
+            f"{format_duration(value * seconds_each)} of CPU time at "
+            f"~{format_duration(seconds_each)} per {unit}")
+
+
 @dataclass(frozen=True)
 class Count:
     """argparse type: an integer in [low, high]; "1e6" is accepted for 1000000.
@@ -103,7 +110,6 @@ class Count:
     seconds_each: float = 0.0
     unit: str = "unit"
     why: str = ""
-    kind = "an integer"
 
     def upper(self) -> int:
         """The largest value allowed on this machine: ``high``, memory and time permitting."""
@@ -117,7 +123,7 @@ class Count:
 
     def describe(self) -> str:
         """The allowed range, as the error messages and --help say it."""
-        return f"{self.kind} from {self.low:,} to {self.upper():,}"
+        return f"an integer from {self.low:,} to {self.upper():,}"
 
     def parse(self, text: str):
         try:
@@ -149,8 +155,7 @@ class Count:
         if self.bytes_each and memory and value * self.bytes_each > memory:
             return (f": {units} would need about {format_bytes(value * self.bytes_each)} of "
                     f"memory and this machine has {format_bytes(memory)}")
-        return (f": {units} would take about {format_duration(value * self.seconds_each)} of CPU "
-                f"time at ~{format_duration(self.seconds_each)} per {self.unit}")
+        return _too_slow(text, value, self.seconds_each, self.unit)
 
 
 class Seed(int):
@@ -226,9 +231,7 @@ class Real:
         elif over_high:
             why = f" ({self.why}), got {text}" if self.why else f", got {text}"
         else:
-            why = (f": {text} {_plural(self.unit, value)} would take about "
-                   f"{format_duration(value * self.seconds_each)} of CPU time at "
-                   f"~{format_duration(self.seconds_each)} per {self.unit}")
+            why = _too_slow(text, value, self.seconds_each, self.unit)
         raise argparse.ArgumentTypeError(f"must be {self.describe()}{why}")
 
 
@@ -257,7 +260,8 @@ def warn_if_slow(parser: argparse.ArgumentParser, args: argparse.Namespace) -> s
         value = getattr(args, action.dest, None)
         if cost and isinstance(value, (int, float)):
             total += value * cost
-            parts.append(f"{action.option_strings[-1]} {value:g}")
+            parts.append(f"{action.option_strings[-1]} {value:g}" if isinstance(value, float)
+                         else f"{action.option_strings[-1]} {value}")
     if total <= WARN_SECONDS:
         return None
     return (f"warning: {' and '.join(parts)} would take about {format_duration(total)} of CPU "
