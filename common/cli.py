@@ -277,7 +277,7 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     shared.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                         help="where to run (default: auto = cuda, then mps, then cpu)")
     shared.add_argument("--seed", type=SeedCount(0, SEED_MAX, unit="seed"), default=0,
-                        help=f"random seed in [0, {SEED_MAX}] (default: 0)")
+                        help="random seed, 0 to 2**64 - 1 (default: 0)")
     shared.add_argument("--outdir", type=Path, default=Path("outputs"),
                         help="figure folder; each module writes to OUTDIR/<module name>/ "
                              "(default: outputs)")
