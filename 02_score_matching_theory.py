@@ -92,7 +92,6 @@ References:
 # %%
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from collections.abc import Callable
@@ -101,11 +100,11 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from common.cli import int_at_least, positive_float, start_run
+from common.cli import Count, Real, start_run, timing_row
 from common.cli import make_parser as shared_parser
 from common.datasets import GaussianMixture
+from common.progress import progress
 
 MODULE = "02_score_matching_theory"
 Tensor = torch.Tensor
@@ -135,27 +134,21 @@ class Config:
                    cost_dims=(2, 4, 8, 16, 32), n_sigmas=5)
 
 
-def noise_level(text: str) -> float:
-    """argparse type for --sigma: a number in [0.05, 20].
-
-    Below 0.05 the exact double-sum quadrature of Section 3.5 would need a grid too fine for a
-    laptop (its spacing must resolve sigma).
-    """
-    value = positive_float(text)
-    if not 0.05 <= value <= 20:
-        raise argparse.ArgumentTypeError(f"must lie in [0.05, 20], got {text}")
-    return value
-
-
 def make_parser():
     """The shared flags (common.cli) plus this module's own."""
     parser = shared_parser("Module 02: score matching theory (Fisher divergence, ESM, ISM, "
                            "Stein's identity, DSM), every identity checked numerically.")
-    parser.add_argument("--sigma", type=noise_level, default=0.5,
+    # Below 0.05 the exact double-sum quadrature of Section 3.5 would need a grid too fine for a
+    # laptop (its spacing must resolve sigma).
+    parser.add_argument("--sigma", type=Real(0.05, 20), default=0.5,
                         help="noise level sigma of the denoising score matching demonstration, "
                              "in [0.05, 20] (default: 0.5)")
     # Standard errors need a few hundred samples to be trustworthy (with N = 1 they are NaN).
-    parser.add_argument("--n-mc", type=int_at_least(100), default=None,
+    # Cost per sample, measured with --quick (17-point sweeps): 2.9 kB held (autograd graphs of
+    # the sweeps and of Stein's test functions) and 18 us; the default 41-point sweeps about
+    # 2.4 times that.
+    parser.add_argument("--n-mc", type=Count(100, bytes_each=7e3, seconds_each=45e-6,
+                                             unit="sample"), default=None,
                         help="Monte Carlo sample size for the sweeps and Stein's identity, "
                              "at least 100 (default: 20000, or 4000 with --quick)")
     return parser
@@ -818,7 +811,7 @@ def demo_ism_vs_esm(run, cfg: Config) -> dict:
 
     exact = {"ism": [], "esm": []}
     mc = {"ism": [], "esm": [], "diff": [], "diff_se": []}
-    for m2 in tqdm(m2s.tolist(), desc="ISM vs ESM sweep", leave=False):
+    for m2 in progress(m2s.tolist(), desc="ISM vs ESM sweep", leave=False):
         model = target_1d(m2).score
         exact["ism"].append((w * ism_loss(model, x_grid, "none", create_graph=False)).sum())
         exact["esm"].append((w * esm_loss(model, x_grid, p.score, "none")).sum())
@@ -1219,7 +1212,7 @@ def demo_dsm_vs_esm(run, cfg: Config) -> dict:
     m2s = torch.linspace(-3.0, 5.0, cfg.n_sweep, dtype=DTYPE)
     exact = {"dsm": [], "esm": []}
     mc = {"dsm": [], "esm": [], "diff": [], "diff_se": []}
-    for m2 in tqdm(m2s.tolist(), desc="DSM vs ESM sweep", leave=False):
+    for m2 in progress(m2s.tolist(), desc="DSM vs ESM sweep", leave=False):
         model = target_1d(m2, extra_var=sigma**2).score
         exact["dsm"].append(dsm_loss_on_grid(model, x_grid, moments))
         exact["esm"].append((w_sigma * esm_loss(model, x_grid, p_sigma.score, "none")).sum())
@@ -1333,7 +1326,7 @@ def time_loss_and_grad(loss_fn: Callable[[], Tensor], repeats: int = 2) -> float
 def demo_trace_cost(run, cfg: Config) -> dict:
     torch.manual_seed(run.args.seed)  # network initialisation only
     t_ism, t_dsm = [], []
-    for D in tqdm(cfg.cost_dims, desc="timing ISM vs DSM", leave=False):
+    for D in progress(cfg.cost_dims, desc="timing ISM vs DSM", leave=False):
         net = mlp_score_net(D)
         x = torch.randn(128, D, generator=run.generator)
         t_ism.append(time_loss_and_grad(lambda: ism_loss(net, x)))
@@ -1604,12 +1597,12 @@ def main(argv=None):
          f"{r['dsm_min']:.6g} (m2 = {r['dsm_argmin']:.2f})", "C_sigma (m2 = 2)"),
         ("C_sigma, sigma in [0.1, 2]: max rel. err of offset", f"{r['dsm_sigma_rel_err']:.1e}",
          "< 1e-9"),
-        (f"ISM time ~ D^a over D = 8 .. {r['cost_dims'][-1]}: exponent a",
-         f"{r['cost_slope']:.2f}",
-         "between 1 and 2: D passes, each O(D H + H^2), H = 64"),
-        (f"time ISM / DSM at D = {r['cost_dims'][0]} and {r['cost_dims'][-1]}",
-         " and ".join(f"{v:.0f}x" for v in r["cost_ratio"][[0, -1]]),
-         f"DSM flat: {r['cost_dsm_ms'].min():.2f} .. {r['cost_dsm_ms'].max():.2f} ms"),
+        timing_row(f"ISM time ~ D^a over D = 8 .. {r['cost_dims'][-1]}: exponent a",
+                   f"{r['cost_slope']:.2f}",
+                   "between 1 and 2: D passes, each O(D H + H^2), H = 64"),
+        timing_row(f"time ISM / DSM at D = {r['cost_dims'][0]} and {r['cost_dims'][-1]}",
+                   " and ".join(f"{v:.0f}x" for v in r["cost_ratio"][[0, -1]]),
+                   f"DSM flat: {r['cost_dsm_ms'].min():.2f} .. {r['cost_dsm_ms'].max():.2f} ms"),
     ]
     run.finish(rows, globals(), "02")
     return r

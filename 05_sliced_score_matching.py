@@ -86,15 +86,15 @@ References:
 # # Section 1: Imports and configuration
 #
 # `torch` computes the losses and, through autograd, the Jacobian-vector products that sliced
-# score matching is built on; `matplotlib` draws; `tqdm` shows progress of the training runs and
-# the timing sweep. From `common` come the shared command line, the Gaussian mixture class (here
-# with one component: our high-dimensional target) and the exercise machinery. Module 02 supplies
+# score matching is built on; `matplotlib` draws; `tqdm` (via `common.progress`) shows progress of
+# the training runs and the timing sweep. From `common` come the shared command line, the
+# Gaussian mixture class (here with one component: our high-dimensional target) and the exercise
+# machinery. Module 02 supplies
 # the exact implicit score matching loss, the denoising loss and the MLP score network.
 
 # %%
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -103,12 +103,12 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from common.cli import int_at_least, positive_int, start_run
+from common.cli import Count, start_run, timing_row
 from common.cli import make_parser as shared_parser
 from common.datasets import GaussianMixture
 from common.modules import load_module
+from common.progress import progress
 
 MODULE = "05_sliced_score_matching"
 Tensor = torch.Tensor
@@ -162,23 +162,18 @@ def make_parser():
     parser.add_argument("--projection", choices=PROJECTIONS, default="gaussian",
                         help="distribution of the projections v used by SSM and SSM-VR in the "
                              "fitting experiment")
-    parser.add_argument("--steps", type=positive_int, default=None,
+    # One step of each of the five fits at the default D = 100 costs about 60 ms, most of it exact
+    # ISM's D backward passes.
+    parser.add_argument("--steps", type=Count(1, seconds_each=60e-3, unit="step"), default=None,
                         help="training steps of each fit (default: 1500, or 150 with --quick)")
-    parser.add_argument("--fit-dim", type=fit_dim_arg, default=None,
+    parser.add_argument("--fit-dim", type=Count(1, MAX_FIT_DIM, unit="dimension",
+                                                why="the fit's cost grows like D^2 or faster"),
+                        default=None,
                         help="dimension D of the Gaussian target of the fitting experiment, at "
                              f"most {MAX_FIT_DIM} (default: 100, or 20 with --quick); the linear "
                              "model has D^2 + D parameters and exact ISM takes D backward passes "
                              "per step, so its cost grows like D^2 or faster")
     return parser
-
-
-def fit_dim_arg(text: str) -> int:
-    """argparse type for --fit-dim: an integer in [1, MAX_FIT_DIM] (a one-line error otherwise)."""
-    value = int_at_least(1)(text)
-    if value > MAX_FIT_DIM:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_FIT_DIM} (the fit's cost grows "
-                                         f"like D^2 or faster), got {text}")
-    return value
 
 
 # %% [markdown]
@@ -563,7 +558,7 @@ def timed_training_steps(model: torch.nn.Module, loss_fn: LossFn,
     """
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    bar = tqdm(range(steps), desc=desc, leave=False)
+    bar = progress(range(steps), desc=desc, leave=False)
     for step in bar:
         start = time.perf_counter()
         loss = loss_fn(model, sample_batch())
@@ -728,7 +723,7 @@ def demo_projection_variance(run, cfg: Config, target: GaussianMixture) -> dict:
     ism = sm02.ism_loss(optimum, x, reduction="none", create_graph=False).detach()  # (X,)
     R = cfg.var_repeats
     measured, closed, max_z, var_max_z = {}, {}, 0.0, 0.0
-    for kind, vr in tqdm(VARIANTS, desc="projection variance", leave=False):
+    for kind, vr in progress(VARIANTS, desc="projection variance", leave=False):
         name = variant_name(kind, vr)
         var1 = ssm_projection_variance(K, s, kind, vr).mean().item()  # E_x Var_v, one projection
         closed[name] = [var1 / M for M in cfg.var_projections]
@@ -967,7 +962,7 @@ TIMED = ("ISM (exact trace)", "SSM", "SSM-VR", "DSM")
 def demo_cost_per_step(run, cfg: Config) -> dict:
     torch.manual_seed(run.args.seed)  # network initialisation only
     times = {name: [] for name in TIMED}
-    for D in tqdm(cfg.timing_dims, desc="timing one step vs D", leave=False):
+    for D in progress(cfg.timing_dims, desc="timing one step vs D", leave=False):
         net = sm02.mlp_score_net(D, hidden=cfg.timing_hidden)
         opt = torch.optim.Adam(net.parameters(), lr=1e-4)
         x = torch.randn(cfg.timing_batch, D, generator=run.generator)
@@ -1197,7 +1192,8 @@ def main(argv=None):
         (f"fit, D = {D}: Fisher divergence at the start (s = 0)", f"{r['fisher_init']:.2f}",
          f"1/2 tr Sigma^-1 = {-r['min_ism']:.2f}"),
     ]
-    for name in fit_methods(cfg, run.generator):
+    methods = list(fit_methods(cfg, run.generator))
+    for name in methods:
         if name.startswith("DSM"):
             sigma = float(name.split("=")[1])
             near = r[f"fisher_final/{name}"] < 1.5 * r["dsm_floors"][sigma]
@@ -1209,22 +1205,27 @@ def main(argv=None):
             floor = "small; limited by steps and minibatch noise"
         label = f"{name} ({cfg.projection} v)" if name.startswith("SSM") else name
         rows.append((f"fit: Fisher divergence after {cfg.fit_steps} steps, {label}",
-                     f"{r[f'fisher_final/{name}']:.3f}  ({r[f'seconds/{name}']:.1f} s)",
-                     floor))
+                     f"{r[f'fisher_final/{name}']:.3f}", floor))
+    short = [n.replace(" (exact trace)", "").replace(", sigma = ", " ") for n in methods]
+    rows.append(timing_row(f"fit: seconds for {cfg.fit_steps} steps, " + " | ".join(short),
+                           " | ".join(f"{r[f'seconds/{name}']:.1f}" for name in methods),
+                           "ISM slowest: D backward passes per step"))
     rows.append(("fit: final loss of ISM / SSM / SSM-VR (last 10%)",
                  " / ".join(f"{r[f'final_loss/{n}']:.2f}"
                             for n in ("ISM (exact trace)", "SSM", "SSM-VR")),
                  f"min J_ISM = -1/2 tr Sigma^-1 = {r['min_ism']:.2f}"))
     for i, D_t in enumerate(r["timing_dims"]):
-        rows.append((f"time per step, D = {D_t}: ISM | SSM | SSM-VR | DSM",
-                     " | ".join(f"{1e3 * r['times'][name][i]:.1f}" for name in TIMED) + " ms",
-                     "all grow once D > hidden width; ISM makes D passes"))
+        rows.append(timing_row(
+            f"time per step, D = {D_t}: ISM | SSM | SSM-VR | DSM",
+            " | ".join(f"{1e3 * r['times'][name][i]:.1f}" for name in TIMED) + " ms",
+            "all grow once D > hidden width; ISM makes D passes"))
     ratios = [ism / ssm for ism, ssm in zip(r["times"]["ISM (exact trace)"], r["times"]["SSM"])]
-    rows.append((f"time ratio ISM / SSM at D = {', '.join(map(str, r['timing_dims']))}",
-                 ", ".join(f"{q:.0f}x" for q in ratios), "grows like D (ISM: D passes)"))
-    rows.append(("D / (time ratio ISM / SSM), same D",
-                 ", ".join(f"{D_t / q:.1f}" for D_t, q in zip(r["timing_dims"], ratios)),
-                 "a small constant, ~2-3: an SSM step costs a few passes"))
+    rows.append(timing_row(f"time ratio ISM / SSM at D = {', '.join(map(str, r['timing_dims']))}",
+                           ", ".join(f"{q:.0f}x" for q in ratios), "grows like D (ISM: D passes)"))
+    rows.append(timing_row("D / (time ratio ISM / SSM), same D",
+                           ", ".join(f"{D_t / q:.1f}"
+                                     for D_t, q in zip(r["timing_dims"], ratios)),
+                           "a small constant, ~2-3: an SSM step costs a few passes"))
     run.finish(rows, globals(), "05")
     return r
 

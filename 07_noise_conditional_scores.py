@@ -116,14 +116,14 @@ import numpy as np
 import torch
 from scipy import optimize, stats
 from torch import nn
-from tqdm.auto import tqdm
 
+from common.cli import Count, Real, start_run
 from common.cli import make_parser as shared_parser
-from common.cli import positive_float, positive_int, start_run
 from common.datasets import DataNotFoundError, GaussianMixture, load_mnist
 from common.metrics import mmd_rbf, sliced_wasserstein
 from common.modules import load_module
 from common.plotting import grid_points, image_grid, plot_samples_over_density
+from common.progress import progress as progress_bar  # `progress` names a flag below
 from common.training import EMA, expand_to
 
 langevin03 = load_module("03")  # langevin_step, langevin, mode_fractions
@@ -183,11 +183,18 @@ def make_parser():
     """The shared flags (common.cli) plus this module's own."""
     parser = shared_parser("Module 07: noise schedules, annealed Langevin dynamics, NCSN.")
     group = parser.add_argument_group("module 07")
-    group.add_argument("--steps-per-level", type=positive_int, default=None,
+    # CPU time per unit at the default sizes (2000 chains, 20 levels), from --quick runs scaled
+    # to them: one Langevin step per level of every annealed run ~0.3 s (measured 72 ms with
+    # --quick's 400 chains and one sigma_max), a training step of the 2D network ~20 ms
+    # (measured 8 ms at --quick's width 64, batch 256).
+    group.add_argument("--steps-per-level", type=Count(1, seconds_each=0.3, unit="step"),
+                       default=None,
                        help="annealed Langevin steps T per noise level (default 100, quick 10)")
-    group.add_argument("--step-ratio", type=positive_float, default=None,
-                       help="r = alpha_i / sigma_i^2, below 4 (default 0.3)")
-    group.add_argument("--train-steps", type=positive_int, default=None,
+    group.add_argument("--step-ratio", type=Real(0, 4, low_open=True, high_open=True,
+                                                 why="the Langevin step is unstable for r >= 4"),
+                       default=None, help="r = alpha_i / sigma_i^2, below 4 (default 0.3)")
+    group.add_argument("--train-steps", type=Count(1, seconds_each=20e-3, unit="step"),
+                       default=None,
                        help="training steps of the 2D network (default 2500, quick 100)")
     group.add_argument("--images", action="store_true",
                        help="also train a small conv NCSN on MNIST and sample digits "
@@ -479,8 +486,8 @@ def annealed_langevin_states(score_fn: NoiseScoreFn, x: Tensor, sigmas: Tensor, 
     alphas = step_sizes(sigmas.double(), step_size).tolist()
     levels = list(zip(sigmas.tolist(), alphas))
     sigma_last = levels[-1][0]
-    for sigma, alpha in tqdm(levels, desc="annealed Langevin", disable=not progress,
-                             mininterval=0.5):
+    for sigma, alpha in progress_bar(levels, desc="annealed Langevin", disable=not progress,
+                                     mininterval=0.5):
         level = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
         for _ in range(n_steps):
             # x <- x + alpha_i / 2 s(x, sigma_i) + sqrt(alpha_i) z  (module 03's step)
@@ -790,7 +797,7 @@ def demo_exact_annealing(run, cfg: Config, data: GaussianMixture, schedule: dict
     states_l10 = exact_run(data, cfg, sigma_max, seed, n_levels=10,
                            n_steps=n_total // 10)  # NCSN's L = 10, the same L T
     sweep = {}
-    for s_max in tqdm(cfg.sweep_sigma_max, desc="sigma_max sweep", mininterval=0.5):
+    for s_max in progress_bar(cfg.sweep_sigma_max, desc="sigma_max sweep", mininterval=0.5):
         sweep[s_max] = heavy_weight(exact_run(data, cfg, s_max, seed)[-1], data)
     sweep[sigma_max] = heavy_weight(states[-1], data)
     return {"start": start, "plain": plain, "exact_states": states, "sweep": sweep,
@@ -847,7 +854,7 @@ def train_ncsn(run, cfg: Config, data: GaussianMixture, sigmas: Tensor) -> dict:
         lambda: data.sample(cfg.batch_size, gen, dtype=torch.float32), cfg.train_steps,
         scheduler=lr_schedule, ema=ema, grad_clip=cfg.grad_clip)
     losses = []
-    bar = tqdm(loop, total=cfg.train_steps, desc="training NCSN", mininterval=0.5)
+    bar = progress_bar(loop, total=cfg.train_steps, desc="training NCSN", mininterval=0.5)
     for out in bar:
         losses.append(out["loss"])
         if out["step"] % 50 == 0:
@@ -1170,7 +1177,7 @@ def demo_images(run, cfg: Config, train) -> dict:
         model, opt, lambda mdl, x0: nets06.noise_conditional_loss(mdl, x0, sigmas, gen),
         batch, cfg.image_train_steps, scheduler=lr_schedule, ema=ema, grad_clip=1.0)
     losses = []
-    bar = tqdm(loop, total=cfg.image_train_steps, desc="training MNIST NCSN", mininterval=1)
+    bar = progress_bar(loop, total=cfg.image_train_steps, desc="training MNIST NCSN", mininterval=1)
     for out in bar:
         losses.append(out["loss"])
         if out["step"] % 20 == 0:
@@ -1412,15 +1419,11 @@ def summary_rows(cfg: Config, quick: bool, schedule: dict, exact: dict, learned:
 
 
 def main(argv=None):
-    parser = make_parser()
-    run = start_run(parser, MODULE, argv)
+    run = start_run(make_parser(), MODULE, argv)
     cfg = Config.quick() if run.quick else Config()
     for flag in ("steps_per_level", "step_ratio", "train_steps"):
         if getattr(run.args, flag) is not None:
             setattr(cfg, flag, getattr(run.args, flag))
-    if cfg.step_ratio >= 4:
-        parser.error(f"argument --step-ratio: must be below 4 (the Langevin step is unstable "
-                     f"for r >= 4), got {cfg.step_ratio:g}")
     # check for MNIST first: a missing data set should stop the run before any work
     mnist = load_images_or_exit(run.args) if run.args.images else None
     data = separated_modes_data()

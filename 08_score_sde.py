@@ -99,10 +99,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from scipy.integrate import solve_ivp
-from tqdm.auto import tqdm
 
+from common.cli import Count, print_table, start_run
 from common.cli import make_parser as shared_parser
-from common.cli import positive_int, print_table, start_run
 from common.datasets import GaussianMixture
 from common.metrics import (
     chi2_tail,
@@ -114,6 +113,7 @@ from common.metrics import (
 )
 from common.modules import load_module
 from common.plotting import grid_points, plot_density, plot_samples_over_density
+from common.progress import progress
 from common.seeding import check_generator
 from common.training import EMA, expand_to
 
@@ -160,9 +160,16 @@ class Config:
 def make_parser():
     """The shared flags (common.cli) plus this module's own."""
     parser = shared_parser("Module 08: score-based generative modelling with SDEs.")
-    parser.add_argument("--train-steps", type=positive_int, default=None,
+    # Costs at the default sizes (three SDEs, 2000 samples), from --quick runs scaled to them:
+    # a training step of the three networks ~50 ms (measured 28 ms with --quick's batch of 256);
+    # a step of every sampler run ~60 ms (measured 16 ms with --quick's 200 samples), holding
+    # up to 64 kB (`*_, x = pc_sample(...)` keeps every state: 2000 x 2 float32 = 16 kB, and
+    # a few runs are alive at once).
+    parser.add_argument("--train-steps", type=Count(1, seconds_each=50e-3, unit="step"),
+                        default=None,
                         help="training steps per SDE (default 2500, or 60 with --quick)")
-    parser.add_argument("--sampler-steps", type=positive_int, default=None,
+    parser.add_argument("--sampler-steps", type=Count(1, bytes_each=64e3, seconds_each=60e-3,
+                                                      unit="step"), default=None,
                         help="time steps of the EM and PC samplers "
                              "(default 300, or 30 with --quick)")
     return parser
@@ -976,7 +983,7 @@ def train_score_net(sde: SDE, data: GaussianMixture, cfg: Config, generator,
                                    lambda: data.sample(cfg.batch_size, generator),
                                    cfg.train_steps, scheduler=warmup, ema=ema, grad_clip=1.0)
     losses = []
-    bar = tqdm(steps, total=cfg.train_steps, desc=f"train {desc}", leave=False)
+    bar = progress(steps, total=cfg.train_steps, desc=f"train {desc}", leave=False)
     for info in bar:
         losses.append(info["uniform_loss"])
         if info["step"] % 50 == 0:
@@ -1296,7 +1303,7 @@ def demo_exact_samplers(run, cfg: Config, data: GaussianMixture, sdes: dict) -> 
     reference = data.sample(cfg.n_samples, run.generator, torch.float64)
     # The floor: the same measures between independent data sets of the same size.
     floor = quality_floor(data, reference, cfg.n_samples, run.generator)
-    for name, sde in tqdm(sdes.items(), desc="exact-score samplers", leave=False):
+    for name, sde in progress(sdes.items(), desc="exact-score samplers", leave=False):
         results[name] = run_samplers(sde, exact_score_fn(data, sde), cfg, run.generator)
         quality[name] = {s: sample_quality_2d(x, reference, data, run.generator)
                          for s, (x, _) in results[name].items()}

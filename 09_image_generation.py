@@ -100,6 +100,7 @@ References:
 # %%
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -116,14 +117,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.ticker import NullFormatter
-from tqdm.auto import tqdm
 
+from common.cli import Count, Real, start_run
 from common.cli import make_parser as shared_parser
-from common.cli import nonnegative_int, positive_float, positive_int, start_run
 from common.datasets import DataNotFoundError, load_cifar10, load_mnist, resolve_data_root
 from common.metrics import frechet_distance
 from common.modules import load_module
 from common.plotting import image_grid
+from common.progress import progress
 from common.training import EMA, expand_to
 
 MODULE = "09_image_generation"
@@ -203,29 +204,45 @@ class Config:
                    classifier_steps=60, snapshots=2, log_every=10)
 
 
+# --image-size (a folder of images): the U-Net here is sized for 28-32 px images, and memory and
+# time grow like the side squared.
+IMAGE_SIZE = Count(8, 256, unit="pixel", why="memory and time grow like the side squared")
+
+
 def make_parser():
     """The shared flags (common.cli) plus this module's own."""
     parser = shared_parser("Module 09: a score-based image model (U-Net, samplers, evaluation).")
     parser.set_defaults(threads=os.cpu_count() or 1)  # images: every core helps
     parser.add_argument("--dataset", default="mnist", choices=DATASETS,
                         help="mnist (default), cifar10, or folder (every image under --data-dir)")
-    parser.add_argument("--image-size", type=positive_int, default=32,
+    parser.add_argument("--image-size", type=IMAGE_SIZE, default=32,
                         help="with --dataset folder: images are resized to this (default 32)")
     parser.add_argument("--sde", default="ve", choices=("ve", "vp"),
                         help="the SDE of the EM, PC and ODE samplers and of bits/dim (default ve)")
-    parser.add_argument("--train-steps", type=nonnegative_int, default=None,
+    # Costs of the CPU configuration (2 cores, bf16), rough: a training step of 64 images 0.16 s
+    # (393 images/s, the README's run); per image of the batch 2.5 ms x 5000 steps and ~2 MB of
+    # activations (measured 0.4 MB with --quick's 4x narrower U-Net); per sample ~0.5 s (630
+    # network evaluations in the five samplers at ~0.5 ms) and ~1 MB, since the EM sampler
+    # keeps its 200 states (`*_, x = pc_sample(...)`); per bits/dim image ~2 s (measured 0.12 s
+    # with --quick's 100x looser tolerance; bits/dim runs in batches of 16, so no memory).
+    parser.add_argument("--train-steps", type=Count(0, seconds_each=0.16, unit="step"),
+                        default=None,
                         help="training steps (default: 5000 on CPU, 60000 on GPU, 40 --quick); "
                              "0 = only sample from an existing checkpoint")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
+    parser.add_argument("--batch-size", type=Count(1, bytes_each=2e6, seconds_each=12.5,
+                                                   unit="image"), default=None,
                         help="images per step and process (default 64 on CPU, 128 on GPU)")
-    parser.add_argument("--n-samples", type=positive_int, default=None,
+    parser.add_argument("--n-samples", type=Count(1, bytes_each=1e6, seconds_each=0.5,
+                                                  unit="sample"), default=None,
                         help="samples per sampler for the grids, the .npz files and the metrics "
                              "(default 256)")
-    parser.add_argument("--bpd-images", type=positive_int, default=None,
+    parser.add_argument("--bpd-images", type=Count(1, seconds_each=2.0, unit="image"),
+                        default=None,
                         help="test images for bits/dim (default 32 on CPU)")
-    parser.add_argument("--guidance", type=positive_float, default=None,
-                        help="autoguidance weight w >= 1 of the recommended sampler (default 2)")
-    parser.add_argument("--guide-interval", type=positive_float, nargs=2, default=None,
+    parser.add_argument("--guidance", type=Real(1), default=None,
+                        help="autoguidance weight w >= 1 of the recommended sampler (1 = no "
+                             "guidance; default 2)")
+    parser.add_argument("--guide-interval", type=Real(0), nargs=2, default=None,
                         metavar=("LO", "HI"), help="guide only for sigma in [LO, HI] "
                         "(default 0.3 5; 0 1000 = at every level)")
     parser.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"),
@@ -1194,7 +1211,7 @@ def train_classifier(images: Tensor, labels: Tensor, steps: int, seed: int,
     torch.manual_seed(seed)
     clf = EvalClassifier(images.shape[1], images.shape[-1], int(labels.max()) + 1)
     opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
-    for _ in tqdm(range(steps), desc="evaluation classifier", leave=False, mininterval=1.0):
+    for _ in progress(range(steps), desc="evaluation classifier", leave=False, mininterval=1.0):
         idx = torch.randint(len(images), (batch,), generator=g)
         loss = F.cross_entropy(clf(to_model_space(images[idx])), labels[idx])
         opt.zero_grad()
@@ -1274,7 +1291,7 @@ def inception_model():
 def inception_features(model, images_uint8: Tensor, batch: int = 25) -> Tensor:
     """2048-d features: grey -> RGB, bilinear resize to 299x299, scale (x - 128) / 128."""
     feats = []
-    for chunk in tqdm(images_uint8.split(batch), desc="Inception features", leave=False):
+    for chunk in progress(images_uint8.split(batch), desc="Inception features", leave=False):
         x = chunk.float().expand(-1, 3, -1, -1) if chunk.shape[1] == 1 else chunk.float()
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         f = model((x - 128) / 128)
@@ -1387,7 +1404,7 @@ def train_or_load(run, cfg: Config, images: Tensor, dist: Distributed, profile: 
         with StopRequested() as stop:
             loop = training_loop(state, images, args.seed, dist, path, flip=args.dataset
                                  == "cifar10", stop=stop)
-            bar = tqdm(loop, total=todo, desc="train", disable=not dist.main, mininterval=1.0)
+            bar = progress(loop, total=todo, desc="train", disable=not dist.main, mininterval=1.0)
             for info in bar:
                 if info["step"] % cfg.log_every == 0:
                     recent = state.losses[-cfg.log_every:]
@@ -1660,7 +1677,7 @@ def evaluate_all(run, cfg: Config, trained: dict, images: Tensor, labels: Tensor
         for name, r in results.items():
             q = r["quality"]
             sweep[name] = [(r["nfe"], q["confident"], q["frechet"])]
-            for over in tqdm(cheaper[name], desc=f"NFE sweep {name}", leave=False):
+            for over in progress(cheaper[name], desc=f"NFE sweep {name}", leave=False):
                 s = run_sampler(name, good, bad, sde, cfg, cfg.n_samples, shape, args.seed + 1,
                                 device, **over)
                 sq = sample_quality(clf, s["images"], ref_feats)
@@ -1868,12 +1885,15 @@ def choose_config(run) -> tuple[Config, str]:
                  "n_samples": args.n_samples, "bpd_images": args.bpd_images,
                  "guidance": args.guidance,
                  "guide_interval": tuple(args.guide_interval) if args.guide_interval else None}
-    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    if args.guidance is not None and args.guidance < 1:
-        raise SystemExit("error: argument --guidance: must be >= 1 (1 = no guidance)")
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None}), profile
+
+
+def _check_flags(args) -> str | None:
+    """The flag checks that involve two values (start_run calls this before writing anything)."""
     if args.guide_interval is not None and args.guide_interval[0] >= args.guide_interval[1]:
-        raise SystemExit("error: argument --guide-interval: LO must be below HI")
-    return cfg, profile
+        lo, hi = args.guide_interval
+        return f"argument --guide-interval: LO must be below HI, got {lo:g} {hi:g}"
+    return None
 
 
 def setup_distributed(dist: Distributed, device: torch.device) -> torch.device:
@@ -1914,7 +1934,9 @@ def main(argv=None):
     dist = Distributed.from_env()
     if not dist.main:
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints
-    run = start_run(make_parser(), MODULE, argv)
+    # Every process gets the same flags: a bad one is reported once, by rank 0.
+    with contextlib.redirect_stderr(sys.stderr if dist.main else sys.stdout):
+        run = start_run(make_parser(), MODULE, argv, validate=_check_flags)
     cfg, profile = choose_config(run)
     run.device = setup_distributed(dist, run.device)
     dtype = autocast_dtype(run.device)

@@ -5,7 +5,9 @@ Each submodule holds one concern; a helper lives here only once two or more modu
 - ``seeding``   : seed Python, numpy and torch in one call; opt-in deterministic mode; seeded
                   generators on a device (make_generator) and a check that one matches a tensor
 - ``device``    : pick cuda, then mps, then cpu
-- ``cli``       : the flags every module accepts (--quick, --device, --seed, --outdir, ...)
+- ``cli``       : the flags every module accepts (--quick, --device, --seed, --outdir, ...),
+                  each flag's allowed range (memory and time included), the summary table
+- ``progress``  : progress bars in a terminal or a notebook, none in a log
 - ``plotting``  : headless figures saved to outputs/<module>/, shared plot helpers
 - ``notebook``  : each module as a Jupyter notebook (python -m common.notebook NN), its runs
                   there (notebook_run); needs requirements-notebooks.txt to convert
@@ -14,5 +16,6 @@ Each submodule holds one concern; a helper lives here only once two or more modu
 - ``training``  : expand_to (broadcast a per-sample sigma or t over x) and the EMA of weights
 - ``modules``   : load ``01_score_functions_basics.py`` and friends by number
 - ``exercises`` : the machinery that lists and checks the exercises at the end of each module
-- ``course``    : ``python -m common.course`` runs the modules in order and tabulates what each measured
+- ``course``    : ``python -m common.course`` runs the modules in order and tabulates
+                  what each measured
 """

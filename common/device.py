@@ -12,6 +12,13 @@ def _mps_available() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
+def available_devices() -> list[str]:
+    """The --device choices that work on this machine ("auto" and "cpu" always do)."""
+    return [name for name, ok in (("auto", True), ("cpu", True),
+                                  ("cuda", torch.cuda.is_available()), ("mps", _mps_available()))
+            if ok]
+
+
 def pick_device(name: str = "auto", verbose: bool = True) -> torch.device:
     """Return the torch device for ``name`` in {auto, cpu, cuda, mps}.
 
@@ -30,9 +37,11 @@ def pick_device(name: str = "auto", verbose: bool = True) -> torch.device:
             device, why = torch.device("cpu"), "no CUDA or MPS device found"
     else:
         if name == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was requested but torch sees no CUDA device")
+            raise RuntimeError(f"cuda was requested but torch sees no CUDA device (choose one of "
+                               f"{', '.join(available_devices())})")
         if name == "mps" and not _mps_available():
-            raise RuntimeError("--device mps was requested but MPS is not available here")
+            raise RuntimeError(f"mps was requested but MPS is not available here (choose one of "
+                               f"{', '.join(available_devices())})")
         device, why = torch.device(name), "requested"
     if verbose:
         print(f"Device: {device} ({why})")

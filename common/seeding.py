@@ -20,10 +20,13 @@ def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
     operation without a deterministic implementation then raises instead of silently varying).
     On the CPU almost everything is deterministic already.
     """
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    # numpy's global seed takes 32 bits: larger seeds go in as two 32-bit words, so seeds that
+    # differ only above bit 32 still give different streams (and seeds below 2**32 the same
+    # stream as ever).
+    np.random.seed(seed if seed < 2**32 else [seed & 0xFFFFFFFF, seed >> 32])
     torch.manual_seed(seed)  # also seeds every CUDA device
     if deterministic:
         # cuBLAS needs this workspace setting for reproducible matrix products on GPU.
@@ -42,8 +45,8 @@ def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Gener
     ``torch.Generator().manual_seed(seed)``; a CUDA generator gives different (but equally
     reproducible) numbers for the same seed.
     """
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")
     return torch.Generator(device=torch.device(device)).manual_seed(seed)
 
 

@@ -1,5 +1,9 @@
 """Shared pytest setup: headless matplotlib, the --run-slow option, and small fixtures."""
 
+import io
+from contextlib import redirect_stderr, redirect_stdout
+from types import SimpleNamespace
+
 import matplotlib
 import pytest
 import torch
@@ -41,3 +45,30 @@ def real_mnist_root():
         pytest.skip(f"real MNIST not found under {raw} (set SBGM_DATA_DIR to a folder "
                     f"containing MNIST/raw/)")
     return root
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """``quick_run("03", *flags)``: chapter 03's ``main(["--quick", ..., *flags])``, run once
+    per session.
+
+    Several tests look at the same --quick run (a chapter's end-to-end test, the determinism and
+    quiet-progress-bar checks), so it runs once and its result, stdout, stderr and output folder
+    (``outdir / module name`` holds the figures) are shared: treat them as read-only.
+    """
+    from common.modules import load_module
+
+    runs = {}
+
+    def run(number: str, *flags: str) -> SimpleNamespace:
+        key = (number, *flags)
+        if key not in runs:
+            outdir = tmp_path_factory.mktemp(f"quick_{number}")
+            out, err = io.StringIO(), io.StringIO()
+            with redirect_stdout(out), redirect_stderr(err):
+                result = load_module(number).main(["--quick", "--outdir", str(outdir), *flags])
+            runs[key] = SimpleNamespace(result=result, out=out.getvalue(), err=err.getvalue(),
+                                        outdir=outdir)
+        return runs[key]
+
+    return run

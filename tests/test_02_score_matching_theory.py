@@ -401,9 +401,10 @@ def test_fisher_divergence_of_two_gaussians(gen):
 
 
 # -- the script ---------------------------------------------------------------------------------
-def test_main_quick_runs_end_to_end(tmp_path, capsys):
-    r = m.main(["--quick", "--outdir", str(tmp_path)])
-    outdir = tmp_path / m.MODULE
+def test_main_quick_runs_end_to_end(quick_run):
+    run = quick_run("02")
+    r = run.result
+    outdir = run.outdir / m.MODULE
     for name in ("ism_vs_esm_sweep", "gaussian_ism_fit", "quartic_energy_fit", "stein_identity",
                  "dsm_vs_esm_sweep", "jacobian_trace_cost"):
         assert (outdir / f"{name}.png").stat().st_size > 10_000, name
@@ -412,17 +413,4 @@ def test_main_quick_runs_end_to_end(tmp_path, capsys):
     assert r["gauss_mu_err"] < 1e-11 and r["gauss_P_err"] < 1e-11
     assert r["quartic_gd_vs_cf"] < 1e-8
     assert r["dsm_C"] == pytest.approx(r["dsm_kernel_term"] - r["dsm_score_term"], rel=1e-12)
-    out = capsys.readouterr().out
-    assert "What this run measured" in out and "exercise_cubic_ism_objective" in out
-
-
-@pytest.mark.parametrize("flags, message", [(["--sigma", "0"], "--sigma"),
-                                            (["--n-mc", "-5"], "--n-mc"),
-                                            (["--n-mc", "1"], ">= 100"),
-                                            (["--sigma", "abc"], "--sigma"),
-                                            (["--sigma", "0.01"], "0.05")])
-def test_bad_flags_exit_with_a_clear_message(flags, message, capsys):
-    with pytest.raises(SystemExit) as info:
-        m.main(flags)
-    assert info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert "What this run measured" in run.out and "exercise_cubic_ism_objective" in run.out

@@ -309,24 +309,11 @@ def test_separated_modes_barriers(m03):
 
 
 # -- the script ---------------------------------------------------------------------------------
-def test_main_quick_writes_every_figure(m03, tmp_path, capsys):
-    m03.main(["--quick", "--outdir", str(tmp_path)])
-    out = capsys.readouterr().out
-    folder = tmp_path / m03.MODULE
+def test_main_quick_writes_every_figure(m03, quick_run):
+    run = quick_run("03")
+    out = run.out
+    folder = run.outdir / m03.MODULE
     for name in ("ula_bias_1d_gaussian", "samples_2d_mixture", "distance_vs_step_size_and_steps",
                  "fokker_planck_vs_particles", "mode_weights_pitfall"):
         assert (folder / f"{name}.png").stat().st_size > 10_000, name
     assert "mode weights recovered by ULA" in out and "exercise_step_size_for_tolerance" in out
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--chains", "0"], "must be an integer >= 10"),
-    (["--step-size", "abc"], "must be a number"),
-    (["--step-size", "5"], "stable only for eps < 1.20"),
-    (["--chains", "100000000"], "must be at most 200,000"),
-])
-def test_bad_flags_exit_with_a_clear_message(m03, tmp_path, capsys, flags, message):
-    with pytest.raises(SystemExit) as info:
-        m03.main(["--quick", "--outdir", str(tmp_path), *flags])
-    assert info.value.code == 2
-    assert message in capsys.readouterr().err

@@ -378,21 +378,13 @@ def test_conv_net_shapes_scaling_and_training_step():
 
 
 # -- end to end --
-def test_main_quick_writes_figures(tmp_path):
-    out = m.main(["--quick", "--outdir", str(tmp_path)])
-    folder = tmp_path / m.MODULE
+def test_main_quick_writes_figures(quick_run):
+    run = quick_run("07")
+    out = run.result
+    folder = run.outdir / m.MODULE
     for name in ("noise_schedule", "training_loss", "mode_weights", "samples_per_level"):
         assert (folder / f"{name}.png").exists(), name
     assert len(out["exact"]["exact_states"]) == m.Config().n_levels + 1
-
-
-@pytest.mark.parametrize("flag", [["--steps-per-level", "0"], ["--step-ratio", "-1"],
-                                  ["--step-ratio", "5"]])
-def test_bad_flags_exit_with_message(flag, tmp_path, capsys):
-    with pytest.raises(SystemExit) as info:
-        m.main(flag + ["--outdir", str(tmp_path)])
-    assert info.value.code == 2
-    assert "--st" in capsys.readouterr().err
 
 
 def test_images_without_mnist_stops_with_clear_message(tmp_path):

@@ -36,13 +36,6 @@ def test_import_runs_nothing(number, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("number", CHAPTERS)
-def test_unknown_flag_is_a_one_line_error(number, capsys, tmp_path):
-    with pytest.raises(SystemExit) as info:
-        load_module(number).main(["--quikc", "--outdir", str(tmp_path)])
-    assert info.value.code == 2 and "unrecognized arguments: --quikc" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("number", CHAPTERS)
 def test_chapter_follows_the_conventions(number):
     """Title-page header, percent cells, >= 4 exercises, each with a reference solution."""
     module = load_module(number)

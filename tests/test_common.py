@@ -24,9 +24,28 @@ def test_seed_everything_reproduces_all_generators():
     torch.testing.assert_close(a[2], b[2])
 
 
-def test_seed_everything_rejects_negative_seed():
-    with pytest.raises(ValueError, match="non-negative"):
-        seeding.seed_everything(-1)
+def test_seed_everything_rejects_seeds_torch_cannot_take():
+    for seed in (-1, 2**64):
+        with pytest.raises(ValueError, match=r"in \[0, 2\*\*64 - 1\]"):
+            seeding.seed_everything(seed)
+
+
+def test_seeds_above_32_bits_give_their_own_numpy_stream():
+    """numpy's global seed takes 32 bits; seeds that differ only above them (seed % 2**32 was
+    what numpy got before) must not share a stream, and the largest seed works."""
+    draws = []
+    for seed in (5, 5 + 2**32, 2**64 - 1):
+        seeding.seed_everything(seed)
+        draws.append(np.random.rand(3))
+    assert not np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[1], draws[2])
+
+
+def test_seeds_derived_from_the_largest_seed_stay_valid():
+    """Chapters derive seeds as seed + k and 1000 * seed + j: they wrap around 2**64."""
+    seed = cli.SeedCount(0, cli.SEED_MAX)(str(cli.SEED_MAX))
+    assert seed + 1 == 0 and 1000 * seed + 7 == (1000 * cli.SEED_MAX + 7) % 2**64
+    torch.Generator().manual_seed(seed + 9)  # an overflow here was a traceback before
+    assert seed + 0.5 == cli.SEED_MAX + 0.5  # only integer arithmetic wraps
 
 
 def test_deterministic_mode_switches_torch_flag():
@@ -50,7 +69,7 @@ def test_make_generator_on_the_cpu_matches_a_plain_generator():
     torch.testing.assert_close(torch.randn(4, generator=g),
                                torch.randn(4, generator=torch.Generator().manual_seed(5)))
     assert seeding.make_generator(5).device.type == "cpu"
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match=r"in \[0, 2\*\*64 - 1\]"):
         seeding.make_generator(-2, "cpu")
     if torch.cuda.is_available():
         assert seeding.make_generator(5, "cuda").device.type == "cuda"
@@ -105,14 +124,17 @@ def test_cli_defaults_and_run(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--steps", "-3"], "must be a positive integer"),
-        (["--steps", "abc"], "must be an integer"),
-        (["--seed", "-1"], "non-negative"),
+        (["--steps", "-3"], "argument --steps: must be an integer from 1 to"),
+        (["--steps", "abc"], "must be an integer from 1 to"),
+        (["--seed", "-1"], "must be an integer from 0 to 18,446,744,073,709,551,615, got -1"),
+        (["--seed", str(2**64)], "must be an integer from 0 to 18,446,744,073,709,551,615"),
+        (["--threads", str(2**31)], "must be an integer from 1 to 1,024"),
         (["--device", "tpu"], "invalid choice"),
         (["--no-such-flag"], "unrecognized arguments"),
-        (["--rate", "0"], "positive finite number"),
-        (["--frac", "1.5"], "must lie in"),
-        (["--count", "3"], "must be an integer >= 10"),
+        (["--rate", "0"], "must be a number > 0, got 0"),
+        (["--rate", "nan"], "must be a number > 0, got nan"),
+        (["--frac", "1.5"], "must be a number in [0, 1], got 1.5"),
+        (["--count", "3"], "must be an integer from 10 to"),
         (["--outdir", "/proc/no/such/place"], "argument --outdir: cannot create"),
     ],
 )
@@ -126,6 +148,55 @@ def test_cli_rejects_bad_values_with_clear_message(argv, message, capsys):
         cli.start_run(parser, "99_test", argv)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_turns_scientific_notation_into_integers():
+    assert cli.positive_int("1e6") == 1_000_000 and cli.positive_int("2.5e3") == 2500
+    for text in ("1.5", "1e-3", "nan", "1e400x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be an integer"):
+            cli.positive_int(text)
+
+
+def test_a_size_that_cannot_fit_in_memory_is_refused_with_the_estimate(monkeypatch):
+    monkeypatch.setattr(cli, "machine_memory", lambda: 8e9)
+    samples = cli.Count(1, bytes_each=1000, unit="sample")
+    assert samples.upper() == 8_000_000 and samples("8e6") == 8_000_000
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        samples("1e7")
+    assert str(info.value) == ("must be an integer from 1 to 8,000,000: 1e7 samples would need "
+                               "about 10 GB of memory and this machine has 8 GB")
+    monkeypatch.setattr(cli, "machine_memory", lambda: None)  # e.g. Windows: no memory bound
+    assert samples.upper() == cli.INT64_MAX
+
+
+def test_weeks_are_refused_and_hours_warned_about():
+    parser = cli.make_parser("test")
+    parser.add_argument("--steps", type=cli.Count(1, seconds_each=1.0, unit="step"))
+    assert cli.warn_if_slow(parser, parser.parse_args(["--steps", "3600"])) is None
+    warning = cli.warn_if_slow(parser, parser.parse_args(["--steps", "7200"]))
+    assert warning == ("warning: --steps 7200 would take about 2 h of CPU time (a rough "
+                       "estimate); Ctrl-C stops the run")
+    with pytest.raises(argparse.ArgumentTypeError, match="1e7 steps would take about 2,778 h"):
+        parser._option_string_actions["--steps"].type("1e7")
+
+
+def test_validate_runs_before_anything_is_written(tmp_path, capsys):
+    parser = cli.make_parser("test")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        cli.start_run(parser, "99_test", ["--outdir", str(out)],
+                      validate=lambda args: "argument --seed: must be odd, got 0")
+    assert info.value.code == 2 and not out.exists()
+    assert capsys.readouterr().err.splitlines()[-1].endswith("argument --seed: must be odd, got 0")
+    cli.start_run(parser, "99_test", ["--outdir", str(out)], validate=lambda args: None)
+    assert (out / "99_test").is_dir()
+
+
+def test_timing_rows_are_tagged(capsys):
+    cli.print_table("T", [("steps", "40", "40"), cli.timing_row("time per step", "3 ms", "-")])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[0] for line in lines[5:7]] == ["steps", f"time per step "
+                                                            f"{cli.TIMING_TAG}"]
 
 
 def test_cli_validators_directly():
