@@ -386,8 +386,15 @@ def print_table(title: str, rows,
 
 
 def in_notebook() -> bool:
-    """True inside a Jupyter (IPython kernel) session, where figures can show inline."""
-    return "ipykernel" in sys.modules
+    """True inside a Jupyter (IPython kernel) session, where figures can show inline.
+
+    Asks IPython for the running shell rather than looking for ``ipykernel`` among the imported
+    modules: a program that merely imports it (pytest running the notebook tests, say) is not a
+    kernel, and its output must not be treated as a notebook's.
+    """
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def start_run(parser: argparse.ArgumentParser, module_name: str, argv=None,

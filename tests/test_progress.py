@@ -52,3 +52,14 @@ def test_a_silent_bar_keeps_its_methods():
     bar.set_postfix(loss=1.0)  # modules call these whether or not the bar shows
     bar.update(0)
     assert list(bar) == [0, 1, 2]
+
+
+def test_importing_ipykernel_does_not_make_a_notebook():
+    """pytest imports ipykernel for the notebook tests; the chapters it then runs in-process
+    must still see a plain stream (this was the bug: bars in a piped run after that import)."""
+    pytest.importorskip("ipykernel", reason="needs ipykernel (requirements-notebooks.txt)")
+    import ipykernel  # noqa: F401
+
+    from common.cli import in_notebook
+
+    assert not in_notebook()
