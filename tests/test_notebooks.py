@@ -26,6 +26,13 @@ CHAPTERS = [pytest.param(n, id=n, marks=getattr(pytest.mark, f"ch{n}")) for n in
 NEEDS_MNIST = {"09", "10"}
 
 
+@pytest.fixture(autouse=True)
+def kernel_picks_its_own_backend(monkeypatch):
+    """Kernels inherit the environment: CI's MPLBACKEND=Agg (set for headless test runs) would
+    override the inline backend a real Jupyter session starts with, and hide every figure."""
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+
+
 def execute(nb, cwd=ROOT, timeout: int = 600):
     """Run every cell of ``nb`` in a fresh python3 kernel started in ``cwd``; stop at the first
     cell that raises (its error output stays in the notebook for :func:`cell_errors`)."""
