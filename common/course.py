@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import cli
@@ -59,6 +59,10 @@ KEY_ROWS = {
 
 # Progress bars redraw a line with carriage returns: never "the error" of a failed chapter.
 _PROGRESS_BAR = re.compile(r"\d+%\|")
+# The line that states an error: argparse's and the chapters' "error: ...", or a traceback's last
+# line ("ValueError: ..."). A chapter's own error message may run on for several lines (what to
+# place where); its first line says what went wrong.
+_ERROR_LINE = re.compile(r"(^|\s)error:|^[\w.]*(Error|Exception|Interrupt)\b")
 _INTERRUPTED = 130  # the shell's exit status after Ctrl-C (128 + SIGINT)
 
 
@@ -73,6 +77,7 @@ class Result:
     log: Path
     figures: int | None = None
     key_numbers: str = ""
+    key_rows: list = field(default_factory=list)  # (quantity, measured, expected) rows
     error: str = ""
 
 
@@ -149,24 +154,29 @@ def explicit_shared_flags(argv: list[str], args: argparse.Namespace) -> list[str
 
 
 def last_error_line(stderr_tail: str) -> str:
-    """The last meaningful line a failed chapter wrote to stderr (its error), or ''."""
-    lines = re.split(r"[\r\n]+", stderr_tail)
-    for line in reversed(lines):
-        line = line.strip()
-        if line and not _PROGRESS_BAR.search(line):
-            return line
-    return ""
+    """The line that states a failed chapter's error: the last ``error: ...`` or
+    ``SomeError: ...`` line it wrote to stderr, else its last line that is not a progress bar."""
+    lines = [line.strip() for line in re.split(r"[\r\n]+", stderr_tail)]
+    lines = [line for line in lines if line and not _PROGRESS_BAR.search(line)]
+    stated = [line for line in lines if _ERROR_LINE.search(line)]
+    return (stated or lines or [""])[-1]
 
 
-def key_numbers(summary: dict, key_rows) -> str:
-    """'label: measured' for each key row found in a chapter's summary, joined by '; '."""
+def find_key_rows(summary: dict, key_rows) -> list[tuple[str, list]]:
+    """(label, row) for each key row found in a chapter's summary (the first row whose quantity
+    starts with the key's prefix); a row is [quantity, measured, expected]."""
     found = []
     for prefix, label in key_rows:
         for row in summary.get("rows", []):
             if row and row[0].startswith(prefix):
-                found.append(f"{label}: {row[1]}")
+                found.append((label, row))
                 break
-    return "; ".join(found)
+    return found
+
+
+def key_numbers(summary: dict, key_rows) -> str:
+    """'label: measured' for each key row found in a chapter's summary, joined by '; '."""
+    return "; ".join(f"{label}: {row[1]}" for label, row in find_key_rows(summary, key_rows))
 
 
 def _copy_stream(source, sinks, tail: list | None) -> None:
@@ -268,7 +278,7 @@ def _run_one(path: Path, counter: str, flags, outdir: Path, verbose: bool, key_r
     try:
         status, error = run_chapter(path, flags, log, verbose, grace)
     except KeyboardInterrupt:
-        status, error = None, "interrupted (Ctrl-C)"
+        status, error = None, "stopped by Ctrl-C"
     seconds = time.monotonic() - start
     cpu = None if cpu_before is None else _children_cpu_seconds() - cpu_before
     state = "passed" if status == 0 else "interrupted" if status is None else "failed"
@@ -279,20 +289,39 @@ def _run_one(path: Path, counter: str, flags, outdir: Path, verbose: bool, key_r
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
         result.figures = len(summary.get("figures", []))
         result.key_numbers = key_numbers(summary, key_rows)
+        result.key_rows = [row for _, row in find_key_rows(summary, key_rows)]
     print(f"{counter} {path.stem}: {state} in {seconds:.1f} s", flush=True)
     return result
 
 
-def print_results(results: list[Result]) -> None:
-    """The closing table, then each failure with its error and log."""
+def print_results(results: list[Result], not_run=(), quick: bool = False) -> None:
+    """The closing table (with a total), each key number beside what the chapter expected, then
+    each failure with its error and log. ``not_run`` names chapters an interrupt left out."""
     rows = [(r.name, r.status, f"{r.seconds:.1f}",
              "-" if r.cpu_seconds is None else f"{r.cpu_seconds:.1f}",
              "-" if r.figures is None else r.figures, r.key_numbers or "-") for r in results]
+    rows += [(name, "not run", "-", "-", "-", "-") for name in not_run]
+    cpu = [r.cpu_seconds for r in results if r.cpu_seconds is not None]
+    passed = sum(r.status == "passed" for r in results)
+    rows.append((f"total ({passed} of {len(results) + len(not_run)} passed)", "",
+                 f"{sum(r.seconds for r in results):.1f}", f"{sum(cpu):.1f}" if cpu else "-",
+                 sum(r.figures or 0 for r in results), ""))
     cli.print_table("The course", rows, header=("chapter", "status", "wall s", "CPU s",
                                                 "figures", "key numbers (measured)"))
+    keyed = [r for r in results if r.key_rows]
+    if keyed:
+        print("\nKey numbers: each chapter's own summary row, as measured | as expected")
+        for r in keyed:
+            for quantity, measured, expected in r.key_rows:
+                print(f"  {r.name[:2]}  {quantity}: {measured}  |  {expected}")
+    if quick:
+        print("\n--quick: smoke-run sizes; the numbers show the code runs, they are noise, not "
+              "results (run without --quick for those).")
     for r in results:
-        if r.status != "passed":
-            print(f"{r.name} {r.status}: {r.error}\n  log: {r.log}")
+        if r.status == "interrupted":
+            print(f"{r.name} was stopped by Ctrl-C\n  log: {r.log}")
+        elif r.status != "passed":
+            print(f"{r.name} failed: {r.error}\n  log (the whole message): {r.log}")
 
 
 def main(argv=None, root: Path = ROOT) -> int:
@@ -311,7 +340,9 @@ def main(argv=None, root: Path = ROOT) -> int:
     # The chapters run from the root, so without --outdir they write to the root's outputs/.
     outdir = Path(flags[flags.index("--outdir") + 1]) if "--outdir" in flags else root / "outputs"
     results, interrupted = run_course(numbers, flags, outdir, root, args.verbose)
-    print_results(results)
+    chapters = find_chapters(root)
+    not_run = [chapters[n].stem for n in numbers[len(results):]]
+    print_results(results, not_run, quick=args.quick)
     if interrupted:
         return _INTERRUPTED
     return 0 if all(r.status == "passed" for r in results) else 1

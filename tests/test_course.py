@@ -6,6 +6,7 @@ fails, one passes), so they take about a second; one test runs the real chapter 
 
 import json
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -133,7 +134,11 @@ def test_a_failing_chapter_is_reported_and_the_run_goes_on(tmp_path, capsys, mon
     assert rows["01_pass"][4] == "1" and rows["01_pass"][5:] == ["answer:", "42"]
     assert rows["02_fail"][1] == "failed" and rows["02_fail"][4:] == ["-", "-"]
     log = out / "course" / "02_fail.log"
-    assert f"02_fail failed: RuntimeError: boom: the score network diverged\n  log: {log}" in text
+    assert (f"02_fail failed: RuntimeError: boom: the score network diverged\n"
+            f"  log (the whole message): {log}") in text
+    assert "total (2 of 3 passed)" in text
+    assert "  01  the answer: 42  |  " in text  # key row beside what was expected
+    assert "--quick: smoke-run sizes" in text
     assert "Traceback" in log.read_text()  # the whole error is in the log
     # the shared flags reached the chapter
     argv = json.loads((out / "01_pass" / "summary.json").read_text())["rows"][0][1]
@@ -156,8 +161,10 @@ def test_ctrl_c_stops_the_chapter_and_still_prints_the_table(tmp_path, capsys):
     assert [(r.name, r.status) for r in results] == [("01_pass", "passed"),
                                                       ("02_stop", "interrupted")]
     assert results[1].seconds < 30  # the sleeping chapter was stopped, not waited for
-    course.print_results(results)
-    assert "02_stop interrupted: interrupted (Ctrl-C)" in capsys.readouterr().out
+    course.print_results(results, not_run=["03_pass"])
+    text = capsys.readouterr().out
+    assert "02_stop was stopped by Ctrl-C" in text
+    assert re.search(r"^03_pass +not run", text, re.M)
 
 
 @pytest.mark.parametrize("tail, expected", [
@@ -166,6 +173,9 @@ def test_ctrl_c_stops_the_chapter_and_still_prints_the_table(tmp_path, capsys):
     ("usage: x\nx.py: error: argument --steps: must be positive\n",
      "x.py: error: argument --steps: must be positive"),
     ("\n\n", ""),
+    # a chapter's own several-line message: its first line says what is wrong
+    ("error: MNIST is not under /d/MNIST/raw.\nPlace these four files there:\n    /d/a\n"
+     "With network access, add --download to fetch it.\n", "error: MNIST is not under /d/MNIST/raw."),
 ])
 def test_the_error_is_the_last_line_that_is_not_a_progress_bar(tail, expected):
     assert course.last_error_line(tail) == expected
