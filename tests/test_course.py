@@ -175,7 +175,8 @@ def test_ctrl_c_stops_the_chapter_and_still_prints_the_table(tmp_path, capsys):
     ("\n\n", ""),
     # a chapter's own several-line message: its first line says what is wrong
     ("error: MNIST is not under /d/MNIST/raw.\nPlace these four files there:\n    /d/a\n"
-     "With network access, add --download to fetch it.\n", "error: MNIST is not under /d/MNIST/raw."),
+     "With network access, add --download to fetch it.\n",
+     "error: MNIST is not under /d/MNIST/raw."),
 ])
 def test_the_error_is_the_last_line_that_is_not_a_progress_bar(tail, expected):
     assert course.last_error_line(tail) == expected
