@@ -328,6 +328,8 @@ class Run:
         """
         from common.exercises import print_exercises
 
+        if self.quick:
+            title += " (--quick: smoke-run sizes, so these numbers are noise, not results)"
         print_table(title, rows)
         print(f"\nFigures ({len(self.figures)}) in {self.outdir}/:")
         for path in self.figures:

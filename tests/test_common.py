@@ -921,3 +921,12 @@ def test_frechet_distance_matches_scipy_sqrtm_and_is_zero_for_equal_sets():
     assert abs(frechet_distance(a, a)) < 1e-8
     with pytest.raises(ValueError, match="features"):
         frechet_distance(a, b[:, :3])
+
+
+@pytest.mark.parametrize("flags, noted", [(["--quick"], True), ([], False)])
+def test_a_quick_run_says_its_numbers_are_noise(flags, noted, tmp_path, capsys):
+    from common.cli import make_parser, start_run
+
+    run = start_run(make_parser("x"), "m", [*flags, "--outdir", str(tmp_path)])
+    run.finish([("a quantity", "1.0", "1")], {}, "01")
+    assert ("these numbers are noise" in capsys.readouterr().out) == noted
