@@ -289,9 +289,10 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     shared.add_argument("--deterministic", action="store_true", help="deterministic kernels")
     shared.add_argument("--threads", type=Count(1, MAX_THREADS, unit="thread",
                                                 why="more threads than cores only wait"),
-                        default=1, help=f"CPU threads for torch, 1 to {MAX_THREADS} (default: 1; "
-                                        "for 2D examples more threads only add synchronisation "
-                                        "overhead)")
+                        default=1, help=f"CPU threads for torch, 1 to {MAX_THREADS} (default: 1 in "
+                                        "the 2D chapters 01-08, where more threads only add "
+                                        "synchronisation overhead; every core in the image "
+                                        "chapters 09 and 10)")
     return parser
 
 
