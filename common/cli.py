@@ -2,7 +2,7 @@
 
 Every module accepts the same flags::
 
-    --quick          a smoke run with tiny sizes, 5-15 s (used by the tests)
+    --quick          a smoke run with tiny sizes, 5-15 s in 01-08, about 25 s in 09 (used by the tests)
     --device D       auto | cpu | cuda | mps  (auto: cuda, then mps, then cpu)
     --seed N         random seed, 0 .. 2**64 - 1 (default 0)
     --outdir DIR     where figures go; each module writes to DIR/<module name>/ (default outputs/)
@@ -273,7 +273,7 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     shared = parser.add_argument_group("flags shared by every module")
     shared.add_argument("--quick", action="store_true",
-                        help="smoke run: tiny sizes, 5-15 s; numbers are not meaningful")
+                        help="smoke run: tiny sizes, 5-15 s (09: about 25 s); numbers are noise")
     shared.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                         help="where to run (default: auto = cuda, then mps, then cpu)")
     shared.add_argument("--seed", type=SeedCount(0, SEED_MAX, unit="seed"), default=0,
