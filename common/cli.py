@@ -2,7 +2,7 @@
 
 Every module accepts the same flags::
 
-    --quick          a smoke run with tiny sizes, 5-15 s in 01-08, about 25 s in 09 (used by the tests)
+    --quick          a smoke run with tiny sizes, 5-15 s (09: about 25 s; used by the tests)
     --device D       auto | cpu | cuda | mps  (auto: cuda, then mps, then cpu)
     --seed N         random seed, 0 .. 2**64 - 1 (default 0)
     --outdir DIR     where figures go; each module writes to DIR/<module name>/ (default outputs/)
