@@ -310,11 +310,30 @@ def load_mnist(data_dir: str | Path | None = None, train: bool = True, download:
 
 def _mnist_manual_route(raw: Path, missing: list[str]) -> str:
     """What to place where: the four files, each marked when missing."""
-    files = "\n".join(f"    {raw / name}{'   (missing)' if name in missing else ''}"
+    width = max(len(str(raw / name)) for name in MNIST_FILES)
+    files = "\n".join(f"    {str(raw / name).ljust(width)}"
+                      f"{'  (missing)' if name in missing else ''}".rstrip()
                       for name in MNIST_FILES)
     return (f"Place these four files there (uncompressed, or the .gz originals from the MNIST "
             f"site):\n{files}\nor point --data-dir (or the environment variable SBGM_DATA_DIR) "
-            f"at a folder that contains MNIST/raw/.")
+            f"at a folder that contains MNIST/raw/.{_misplaced_mnist_hint(raw)}")
+
+
+def _misplaced_mnist_hint(raw: Path) -> str:
+    """A sentence for the likeliest slip, a data root that is itself the MNIST/raw folder (or
+    MNIST/): the files are there, one or two levels too high; '' when they are not."""
+    root = raw.parent.parent
+    for folder in (root, root / "MNIST", root / "raw"):
+        if any((folder / name).is_file() or (folder / f"{name}.gz").is_file()
+               for name in MNIST_FILES):
+            if folder == root and root.name == "raw" and root.parent.name == "MNIST":
+                return (f"\nThe files are in {root} itself: --data-dir should name the folder "
+                        f"that contains MNIST/raw/, here {root.parent.parent}.")
+            if folder == root and root.name == "MNIST":
+                return (f"\nThe files are in {root} itself: --data-dir should name the folder "
+                        f"that contains MNIST/raw/, here {root.parent}.")
+            return f"\nMNIST files were found in {folder}: move them to {raw}."
+    return ""
 
 
 def _download_mnist(raw: Path, missing: list[str]) -> None:

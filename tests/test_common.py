@@ -2,6 +2,7 @@
 
 import argparse
 import math
+import re
 
 import numpy as np
 import pytest
@@ -401,7 +402,10 @@ def test_missing_mnist_says_which_files_to_place(tmp_path):
     message, raw = str(info.value), tmp_path / "MNIST" / "raw"
     assert not isinstance(info.value, datasets.DataCorruptError) and info.value.can_download
     for name in datasets.MNIST_FILES:
-        assert f"{raw / name}   (missing)" in message, message
+        line = rf"^    {re.escape(str(raw / name))} +\(missing\)$"
+        assert re.search(line, message, re.M), message
+    marks = [line.index("(missing)") for line in message.splitlines() if "(missing)" in line]
+    assert len(set(marks)) == 1, "the (missing) marks stand in one column"
     assert not (tmp_path / "MNIST").exists()  # looking creates nothing
 
 
@@ -930,3 +934,17 @@ def test_a_quick_run_says_its_numbers_are_noise(flags, noted, tmp_path, capsys):
     run = start_run(make_parser("x"), "m", [*flags, "--outdir", str(tmp_path)])
     run.finish([("a quantity", "1.0", "1")], {}, "01")
     assert ("these numbers are noise" in capsys.readouterr().out) == noted
+
+
+def test_a_data_dir_that_is_the_mnist_raw_folder_itself_is_pointed_out(tmp_path):
+    """The likeliest slip, --data-dir .../MNIST/raw: the message names the right root."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    with pytest.raises(datasets.DataNotFoundError) as info:
+        datasets.load_mnist(raw, download=False)
+    assert f"--data-dir should name the folder that contains MNIST/raw/, here {tmp_path}." in \
+        str(info.value)
+    with pytest.raises(datasets.DataNotFoundError) as info:
+        datasets.load_mnist(tmp_path / "elsewhere", download=False)
+    assert "should name" not in str(info.value) and "found in" not in str(info.value)
