@@ -200,6 +200,7 @@ def run_chapter(path: Path, flags: list[str], log_path: Path, verbose: bool = Fa
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
+        log.write(f"$ python {' '.join([path.name, *flags])}\n".encode())  # what ran
         process = subprocess.Popen([sys.executable, path.name, *flags], cwd=path.parent,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         tail = [b""]

@@ -140,6 +140,7 @@ def test_a_failing_chapter_is_reported_and_the_run_goes_on(tmp_path, capsys, mon
     assert "  01  the answer: 42  |  " in text  # key row beside what was expected
     assert "--quick: smoke-run sizes" in text
     assert "Traceback" in log.read_text()  # the whole error is in the log
+    assert log.read_text().startswith("$ python 02_fail.py --quick --outdir ")  # what ran
     # the shared flags reached the chapter
     argv = json.loads((out / "01_pass" / "summary.json").read_text())["rows"][0][1]
     assert argv.split() == ["--quick", "--outdir", str(out)]
