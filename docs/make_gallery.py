@@ -45,7 +45,9 @@ def thumbnail(source: Path, target: Path, width: int) -> None:
 
     with Image.open(source) as picture:
         picture.thumbnail((width, picture.height))  # keeps the aspect ratio; only shrinks
-        picture.save(target, optimize=True)
+        # A 256-colour palette: plots have few colours, and smooth colour maps (04's error
+        # maps) would otherwise cost 300 kB of git history per refresh for no visible gain.
+        picture.convert("RGB").quantize(colors=256).save(target, optimize=True)
 
 
 def make_parser() -> argparse.ArgumentParser:
