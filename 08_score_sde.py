@@ -152,7 +152,7 @@ class Config:
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(n_samples=200, sampler_steps=30, train_steps=60, batch_size=256, grid=8,
+        return cls(n_samples=200, sampler_steps=30, train_steps=40, batch_size=256, grid=8,
                    forward_paths=1000, forward_steps=100, hutchinson_probes=16,
                    grid_tol=1e-5, likelihood_points=50, likelihood_tol=1e-3, error_times=10)
 
@@ -167,7 +167,7 @@ def make_parser():
     # a few runs are alive at once).
     parser.add_argument("--train-steps", type=Count(1, seconds_each=50e-3, unit="step"),
                         default=None,
-                        help="training steps per SDE (default 2500, or 60 with --quick)")
+                        help="training steps per SDE (default 2500, or 40 with --quick)")
     parser.add_argument("--sampler-steps", type=Count(1, bytes_each=64e3, seconds_each=60e-3,
                                                       unit="step"), default=None,
                         help="time steps of the EM and PC samplers "
