@@ -33,7 +33,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common.modules import ROOT
+
 EXTRAS = "pip install -r requirements-notebooks.txt"
 # Extra command-line flags for a notebook's run, e.g. "--device cuda" or (the tests)
 # "--outdir /tmp/x --threads 1".
