@@ -7,6 +7,7 @@ fails, one passes), so they take about a second; one test runs the real chapter 
 import json
 import os
 import re
+import signal
 import textwrap
 from pathlib import Path
 
@@ -154,6 +155,16 @@ def test_exit_status_is_zero_when_every_chapter_passed(tmp_path, capsys):
 
 
 def test_ctrl_c_stops_the_chapter_and_still_prints_the_table(tmp_path, capsys):
+    # A shell starts background jobs with SIGINT ignored, and Python then keeps it ignored: give
+    # this process Python's usual Ctrl-C handler, whatever started pytest.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _check_ctrl_c(tmp_path, capsys)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _check_ctrl_c(tmp_path, capsys):
     root = fake_repository(tmp_path / "repo", **{"01_pass": PASSING, "02_stop": INTERRUPTING,
                                                  "03_pass": PASSING})
     results, interrupted = course.run_course(["01", "02", "03"], [], tmp_path / "out", root,
