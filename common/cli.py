@@ -239,8 +239,6 @@ class Real:
 positive_int = Count(1)
 nonnegative_int = Count(0)
 positive_float = Real(0, low_open=True)
-nonnegative_float = Real(0)
-unit_interval = Real(0, 1)
 
 
 def int_at_least(minimum: int) -> Count:

@@ -143,7 +143,7 @@ def test_cli_rejects_bad_values_with_clear_message(argv, message, capsys):
     parser = cli.make_parser("test")
     parser.add_argument("--steps", type=cli.positive_int, default=5)
     parser.add_argument("--rate", type=cli.positive_float, default=1.0)
-    parser.add_argument("--frac", type=cli.unit_interval, default=0.5)
+    parser.add_argument("--frac", type=cli.Real(0, 1), default=0.5)
     parser.add_argument("--count", type=cli.int_at_least(10), default=10)
     with pytest.raises(SystemExit) as info:
         cli.start_run(parser, "99_test", argv)
